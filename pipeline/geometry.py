@@ -1,0 +1,221 @@
+"""Exact ground sample distance, centre and footprint of a chip, for any CRS.
+
+Projected "metres" are not ground metres (Web Mercator is off by 1/cos(lat), geographic CRSs are in
+degrees, geostationary pixels can be off the Earth), so everything is measured on the WGS84 ellipsoid:
+pixel corners are transformed to lon/lat and their separation is the geodesic distance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import shapely
+from shapely import affinity
+from affine import Affine
+from pyproj import CRS, Geod, Transformer
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
+
+from pipeline.errors import SampleRejected
+
+GEOD = Geod(ellps="WGS84")
+_WGS84 = CRS.from_epsg(4326)
+
+
+@dataclass(frozen=True)
+class ChipGeometry:
+    """Where a chip is and how large its pixels are on the ground."""
+
+    lon: float
+    lat: float
+    gsd_x_m: float
+    gsd_y_m: float
+    footprint: BaseGeometry
+
+    @property
+    def gsd_m(self) -> float:
+        """Geometric mean of the two pixel sides: the side of a square pixel of the same area."""
+        return math.sqrt(self.gsd_x_m * self.gsd_y_m)
+
+
+def level_for_gsd(gsd_m: float | None) -> int | None:
+    """Text2Earth level round(17 - log2(gsd)): level L is 2^(17-L) m/px (halves round up)."""
+    if gsd_m is None or not math.isfinite(gsd_m) or gsd_m <= 0:
+        return None
+    return math.floor(17.0 - math.log2(gsd_m) + 0.5)
+
+
+@lru_cache(maxsize=128)
+def _crs(crs_text: str) -> CRS:
+    return CRS.from_user_input(crs_text)
+
+
+@lru_cache(maxsize=128)
+def _to_lonlat(crs_text: str) -> Transformer:
+    return Transformer.from_crs(_crs(crs_text), _WGS84, always_xy=True)
+
+
+@lru_cache(maxsize=128)
+def _from_lonlat(crs_text: str) -> Transformer:
+    return Transformer.from_crs(_WGS84, _crs(crs_text), always_xy=True)
+
+
+@lru_cache(maxsize=128)
+def _global_lat_limits(crs_text: str) -> tuple[float, float] | None:
+    """Latitude limits of CRSs whose area of use spans all longitudes (Web Mercator: +-85.06).
+
+    For such CRSs the limits are where the projection stops being meaningful. Regional CRSs (UTM zones)
+    are deliberately not clipped to their nominal zone: real products (Landsat) use a zone well beyond
+    it, and the round-trip test below already catches where the projection itself breaks down.
+    """
+    aou = _crs(crs_text).area_of_use
+    if aou is None or aou.east - aou.west < 359.0:
+        return None
+    return aou.south, aou.north
+
+
+def crs_label(crs_like: object) -> str:
+    """`EPSG:xxxx` when the CRS has an authority code, otherwise its WKT2 (accepts rasterio CRSs too)."""
+    crs = CRS.from_user_input(crs_like)
+    auth = crs.to_authority(min_confidence=90)
+    return f"{auth[0]}:{auth[1]}" if auth else crs.to_wkt()
+
+
+def pixels_to_lonlat(transform: Affine, crs_text: str, cols: np.ndarray, rows: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (col, row; 0,0 = top-left corner) to WGS84 lon/lat (inf where undefined)."""
+    xs = transform.a * cols + transform.b * rows + transform.c
+    ys = transform.d * cols + transform.e * rows + transform.f
+    lon, lat = _to_lonlat(crs_text).transform(xs, ys, errcheck=False)
+    return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+
+
+def _valid_points(transform: Affine, crs_text: str, cols: np.ndarray, rows: np.ndarray,
+                  lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """True where a pixel point lies on the Earth and inside the CRS's valid area."""
+    ok = np.isfinite(lon) & np.isfinite(lat) & (np.abs(lat) <= 90.0)
+    limits = _global_lat_limits(crs_text)
+    if limits is not None:
+        ok &= (lat >= limits[0] - 1e-9) & (lat <= limits[1] + 1e-9)
+    # Round trip: where the inverse projection is not the inverse of the forward one (beyond a
+    # projection's domain) the point is not meaningful even if finite.
+    xs = transform.a * cols + transform.b * rows + transform.c
+    ys = transform.d * cols + transform.e * rows + transform.f
+    with np.errstate(invalid="ignore"):
+        bx, by = _from_lonlat(crs_text).transform(np.where(ok, lon, 0.0), np.where(ok, lat, 0.0),
+                                                  errcheck=False)
+        pixel = math.sqrt(abs(transform.determinant)) or 1.0
+        err = np.hypot(np.asarray(bx) - xs, np.asarray(by) - ys)
+        ok &= np.isfinite(err) & (err <= 1e-3 * pixel)
+    return ok
+
+
+def _boundary(width: float, height: float, per_edge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points along the pixel-space rectangle, counter-clockwise on screen, not closed."""
+    t = np.linspace(0.0, 1.0, per_edge, endpoint=False)
+    cols = np.concatenate([t * width, np.full_like(t, width), (1 - t) * width, np.zeros_like(t)])
+    rows = np.concatenate([np.zeros_like(t), t * height, np.full_like(t, height), (1 - t) * height])
+    return cols, rows
+
+
+def _fold_to_world(poly: Polygon) -> BaseGeometry:
+    """Cut a polygon given in unwrapped longitudes into pieces inside [-180, 180]."""
+    minx, _, maxx, _ = poly.bounds
+    if minx >= -180.0 and maxx <= 180.0:
+        return orient(poly, 1.0)
+    parts: list[Polygon] = []
+    for k in range(math.floor((minx + 180.0) / 360.0), math.floor((maxx + 180.0) / 360.0) + 1):
+        piece = poly.intersection(box(-180.0 + 360.0 * k, -90.0, 180.0 + 360.0 * k, 90.0))
+        piece = affinity.translate(piece, xoff=-360.0 * k)
+        parts += [p for p in getattr(piece, "geoms", [piece]) if isinstance(p, Polygon) and not p.is_empty]
+    oriented = [orient(p, 1.0) for p in parts]
+    return oriented[0] if len(oriented) == 1 else MultiPolygon(oriented)
+
+
+def footprint(transform: Affine, crs_text: str, width: float, height: float, per_edge: int = 16
+              ) -> BaseGeometry:
+    """Ground footprint of a pixel rectangle as a WGS84 (multi)polygon, densified along its edges.
+
+    Longitudes are unwrapped along the boundary, so a chip across the antimeridian is split into two
+    parts and a chip around a pole is closed through the pole.
+    """
+    cols, rows = _boundary(width, height, per_edge)
+    lon, lat = pixels_to_lonlat(transform, crs_text, cols, rows)
+    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
+        raise SampleRejected("off_earth", "footprint corners do not transform to lon/lat")
+    lon_u = np.degrees(np.unwrap(np.radians(np.append(lon, lon[0]))))
+    winding = lon_u[-1] - lon_u[0]
+    ring = list(zip(lon_u[:-1], lat, strict=True))
+    if abs(winding) > 180.0:  # the boundary goes once around a pole: close the ring along it
+        pole = 90.0 if np.mean(lat) > 0 else -90.0
+        ring += [(lon_u[-1], pole), (lon_u[0], pole)]
+    poly = Polygon(ring)
+    if not poly.is_valid:
+        poly = shapely.make_valid(poly)
+        poly = max(getattr(poly, "geoms", [poly]), key=lambda g: g.area)
+    shift = 360.0 * math.floor((poly.centroid.x + 180.0) / 360.0)
+    return _fold_to_world(affinity.translate(poly, xoff=-shift))
+
+
+def geodesic_pixel_size(transform: Affine, crs_text: str, col: float, row: float) -> tuple[float, float]:
+    """Ground length (m) of one pixel step along x and along y at pixel point (col, row)."""
+    cols = np.array([col - 0.5, col + 0.5, col, col])
+    rows = np.array([row, row, row - 0.5, row + 0.5])
+    lon, lat = pixels_to_lonlat(transform, crs_text, cols, rows)
+    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
+        raise SampleRejected("off_earth", f"pixel ({col:.1f}, {row:.1f}) does not transform to lon/lat")
+    _, _, dx = GEOD.inv(lon[0], lat[0], lon[1], lat[1])
+    _, _, dy = GEOD.inv(lon[2], lat[2], lon[3], lat[3])
+    return float(dx), float(dy)
+
+
+def window_transform(scene_transform: Affine, col_off: int, row_off: int, factor: int) -> Affine:
+    """Affine of a chip whose pixel (0, 0) is scene pixel (col_off, row_off), each pixel `factor` wide."""
+    return scene_transform * Affine.translation(col_off, row_off) * Affine.scale(factor)
+
+
+def chip_geometry(scene_transform: Affine, crs_text: str, col_off: int, row_off: int, factor: int,
+                  size: int) -> ChipGeometry:
+    """Centre, GSD and footprint of one chip; raises SampleRejected('off_earth') if any part is invalid."""
+    tr = window_transform(scene_transform, col_off, row_off, factor)
+    grid = np.linspace(0.0, float(size), 5)
+    bc, br = _boundary(float(size), float(size), 16)
+    gc, gr = (a.ravel() for a in np.meshgrid(grid, grid))
+    cols, rows = np.concatenate([bc, gc]), np.concatenate([br, gr])
+    lon, lat = pixels_to_lonlat(tr, crs_text, cols, rows)
+    ok = _valid_points(tr, crs_text, cols, rows, lon, lat)
+    if not ok.all():
+        bad = int((~ok).sum())
+        raise SampleRejected("off_earth", f"{bad} of {ok.size} sampled chip points are off the Earth or "
+                             "outside the CRS's valid area")
+    centre = size / 2.0
+    clon, clat = pixels_to_lonlat(tr, crs_text, np.array([centre]), np.array([centre]))
+    gx, gy = geodesic_pixel_size(tr, crs_text, centre, centre)
+    lon0 = float((clon[0] + 180.0) % 360.0 - 180.0)
+    return ChipGeometry(lon=lon0, lat=float(clat[0]), gsd_x_m=gx, gsd_y_m=gy,
+                        footprint=footprint(tr, crs_text, float(size), float(size)))
+
+
+def native_gsd_at(scene_transform: Affine, crs_text: str, col: float, row: float) -> float:
+    """Geometric-mean GSD of the source pixels at scene pixel point (col, row)."""
+    dx, dy = geodesic_pixel_size(scene_transform, crs_text, col, row)
+    return math.sqrt(dx * dy)
+
+
+def first_valid_gsd(scene_transform: Affine, crs_text: str, width: int, height: int) -> float:
+    """Native GSD at the scene centre, or at the nearest valid point of a coarse grid (full-disk scenes)."""
+    candidates = [(width / 2.0, height / 2.0)]
+    candidates += [(width * (i + 0.5) / 8, height * (j + 0.5) / 8) for j in range(8) for i in range(8)]
+    candidates.sort(key=lambda p: (p[0] - width / 2.0) ** 2 + (p[1] - height / 2.0) ** 2)
+    for col, row in candidates:
+        try:
+            gsd = native_gsd_at(scene_transform, crs_text, col, row)
+        except SampleRejected:
+            continue
+        if math.isfinite(gsd) and gsd > 0:
+            return gsd
+    raise SampleRejected("off_earth", "no pixel of the scene transforms to lon/lat")

@@ -1,0 +1,188 @@
+"""Turn one shard task into kept samples and rejected rows (the work a Beam worker does per shard).
+
+Every candidate in a task ends up either in the shard or in its rejected table with a reason; bad
+data never raises out of here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.errors import RasterioError
+
+from pipeline import storage
+from pipeline.chips import (
+    check_quality,
+    chip_key,
+    decode_whole_image,
+    encode_image,
+    image_to_chip,
+    sha256_hex,
+)
+from pipeline.errors import SampleRejected
+from pipeline.geometry import chip_geometry, level_for_gsd, native_gsd_at, pixels_to_lonlat
+from pipeline.params import HarvestParams
+from pipeline.raster import Scene, Stretch, classify_error, gdal_env, open_scene
+from pipeline.shard_writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+_STRETCH_CACHE: OrderedDict[str, Stretch] = OrderedDict()  # per worker process: scenes split in parts
+
+
+def base_row(task: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    meta = task["meta"]
+    row = {"source": task["source"], "license": meta["license"], "attribution": meta["attribution"],
+           "sensor": meta.get("sensor"), "platform": meta.get("platform"), "acquired": meta.get("acquired"),
+           "cloud_cover": meta.get("cloud_cover"), "declared_gsd_m": meta.get("declared_gsd_m"),
+           "captions": [], "caption": None, "caption_source": None}
+    row.update(fields)
+    return row
+
+
+def reject_candidate(writer: ShardWriter, task: dict[str, Any], key: str, uri: str, exc: SampleRejected,
+            **fields: Any) -> None:
+    writer.reject({"key": key, "source": task["source"], "source_uri": uri, "reason": exc.reason,
+                   "detail": exc.detail[:2000], **fields})
+
+
+def _scene_stretch(scene: Scene, spec: dict[str, Any], params: HarvestParams) -> Stretch:
+    cache_key = repr((spec["channels"], spec["nodata"], spec["stretch"], params.stretch_percentiles,
+                      params.stretch_per_band, params.stretch_sample_size))
+    if cache_key not in _STRETCH_CACHE:
+        _STRETCH_CACHE[cache_key] = scene.stretch(spec["stretch"], params.stretch_percentiles,
+                                                  params.stretch_per_band, params.stretch_sample_size)
+        while len(_STRETCH_CACHE) > 64:
+            _STRETCH_CACHE.popitem(last=False)
+    return _STRETCH_CACHE[cache_key]
+
+
+def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: list[int],
+                 params: HarvestParams) -> tuple[dict[str, Any], bytes, Any]:
+    k, row, col = chip
+    factor, size = 2**k, params.chip_size
+    side = size * factor
+    col_off, row_off = col * side, row * side
+    transform = Affine(*spec["transform"])
+    geo = chip_geometry(transform, spec["crs"], col_off, row_off, factor, size)
+    try:
+        values, valid, nodata_fraction = scene.read_chip(col_off, row_off, factor, size,
+                                                         params.max_read_factor)
+    except RasterioError as exc:
+        raise SampleRejected("read_error", str(exc)) from exc
+    rgb = np.where(valid, stretch.to_uint8(values), 0).astype(np.uint8)
+    if rgb.shape[0] == 1:
+        rgb = np.repeat(rgb, 3, axis=0)
+    check_quality(rgb, nodata_fraction, params.max_nodata_fraction, params.min_value_range, valid)
+    image = encode_image(rgb, params.image_format, params.jpeg_quality)
+    centre = (col_off + side / 2.0, row_off + side / 2.0)
+    fields = {
+        "crs": spec["crs"], "gsd_x_m": geo.gsd_x_m, "gsd_y_m": geo.gsd_y_m, "gsd_m": geo.gsd_m,
+        "native_gsd_m": native_gsd_at(transform, spec["crs"], *centre), "level": level_for_gsd(geo.gsd_m),
+        "pyramid_level": k, "lon": geo.lon, "lat": geo.lat, "width": size, "height": size,
+        "nodata_fraction": nodata_fraction, "pixel_window": [col_off, row_off, side, side],
+        "bands": [b for _, b in spec["channels"]],
+        "stretch_low": list(stretch.low) if stretch.low else None,
+        "stretch_high": list(stretch.high) if stretch.high else None,
+        "stretch_percentiles": list(stretch.percentiles) if stretch.percentiles else None,
+    }
+    return fields, image, geo.footprint
+
+
+def _centre_lonlat(spec: dict[str, Any], chip: list[int], size: int) -> dict[str, Any]:
+    k, row, col = chip
+    side = size * 2**k
+    lon, lat = pixels_to_lonlat(Affine(*spec["transform"]), spec["crs"],
+                                np.array([(col + 0.5) * side]), np.array([(row + 0.5) * side]))
+    ok = bool(np.isfinite(lon[0]) and np.isfinite(lat[0]) and abs(lat[0]) <= 90)
+    return {"lon": float((lon[0] + 180) % 360 - 180) if ok else None, "lat": float(lat[0]) if ok else None}
+
+
+def harvest_raster(task: dict[str, Any], params: HarvestParams, writer: ShardWriter) -> None:
+    """Read, check, stretch and encode every chip of a raster task."""
+    spec = task["scene"]
+    done = 0
+    try:
+        with open_scene([(u, b) for u, b in spec["channels"]], spec["nodata"]) as scene:
+            if (scene.width, scene.height) != (spec["width"], spec["height"]):
+                raise SampleRejected("unreadable", "the file changed since planning; re-run the harvest")
+            stretch = _scene_stretch(scene, spec, params)
+            for chip in task["chips"]:
+                key = chip_key(task["source"], spec["scene_id"], *chip)
+                try:
+                    fields, image, footprint = _raster_chip(scene, stretch, spec, chip, params)
+                except SampleRejected as exc:
+                    extra = {} if exc.reason == "off_earth" else _centre_lonlat(spec, chip, params.chip_size)
+                    reject_candidate(writer, task, key, spec["uri"], exc, pyramid_level=chip[0], **extra,
+                            nodata_fraction=None)
+                else:
+                    row = base_row(task, key=key, source_uri=spec["uri"], scene_id=spec["scene_id"],
+                                    image_format=params.image_format, sha256=sha256_hex(image), **fields)
+                    writer.add(row, image, footprint)
+                done += 1
+    except (SampleRejected, RasterioError) as exc:
+        failure = exc if isinstance(exc, SampleRejected) else SampleRejected(classify_error(exc), str(exc))
+        for chip in task["chips"][done:]:
+            reject_candidate(writer, task, chip_key(task["source"], spec["scene_id"], *chip), spec["uri"], failure,
+                    pyramid_level=chip[0])
+
+
+def harvest_images(task: dict[str, Any], params: HarvestParams, writer: ShardWriter) -> None:
+    """Decode, square-crop, resize and encode each image of a captioned-dataset task."""
+    declared = task["meta"].get("declared_gsd_m")
+    for rec in task["images"]:
+        try:
+            try:
+                data = storage.read_bytes(rec["open_uri"])
+            except FileNotFoundError as exc:
+                raise SampleRejected("not_found", str(exc)) from exc
+            except OSError as exc:
+                raise SampleRejected("unreadable", str(exc)) from exc
+            img = decode_whole_image(data, params.max_image_pixels)
+            chip, scale = image_to_chip(img, params.chip_size)
+            check_quality(np.transpose(chip, (2, 0, 1)), 0.0, params.max_nodata_fraction,
+                          params.min_value_range)
+        except SampleRejected as exc:
+            reject_candidate(writer, task, rec["key"], rec["uri"], exc)
+            continue
+        image = encode_image(chip, params.image_format, params.jpeg_quality)
+        gsd = declared * scale if declared else None
+        captions = rec["captions"]
+        row = base_row(
+            task, key=rec["key"], source_uri=rec["uri"], scene_id=rec["key"].split("-", 1)[1],
+            gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared, level=level_for_gsd(gsd),
+            pyramid_level=0, width=params.chip_size, height=params.chip_size, nodata_fraction=0.0,
+            bands=[1, 2, 3], scene_class=rec.get("class"), source_split=rec.get("split"),
+            image_format=params.image_format, sha256=sha256_hex(image), captions=captions,
+            caption=captions[0] if captions else None, caption_source="source" if captions else None,
+        )
+        writer.add(row, image, None)
+
+
+def record_errors(task: dict[str, Any], writer: ShardWriter) -> None:
+    """Write the planning-time failures (missing files, unreadable headers...) as rejected rows."""
+    for err in task["errors"]:
+        writer.reject({"key": f"{task['source']}-{err['scene_id']}", "source": task["source"],
+                       "source_uri": err["uri"], "reason": err["error"], "detail": err["detail"][:2000]})
+
+
+def harvest_task(task: dict[str, Any], params: HarvestParams, writer: ShardWriter) -> None:
+    """Dispatch a task to its kind's processor."""
+    kind = task["kind"]
+    if kind == "raster":
+        with gdal_env(params.http_timeout_s, params.http_retries, params.gdal_config):
+            harvest_raster(task, params, writer)
+    elif kind == "images":
+        harvest_images(task, params, writer)
+    elif kind == "urls":
+        from pipeline.urls import harvest_urls  # img2dataset is heavy: import only for URL tasks
+
+        harvest_urls(task, params, writer)
+    elif kind == "errors":
+        record_errors(task, writer)
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")

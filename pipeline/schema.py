@@ -1,0 +1,129 @@
+"""The one definition of the metadata and rejected-sample columns.
+
+The shard writer, the GeoParquet files, the README table and (later) the DuckDB views and data cards
+all read these lists, so a column is named, typed and explained in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Column:
+    """One metadata column: its name, Arrow type and the sentence a reader needs."""
+
+    name: str
+    type: pa.DataType
+    description: str
+
+
+_STR = pa.string()
+_F64 = pa.float64()
+
+HARVEST_COLUMNS: tuple[Column, ...] = (
+    Column("key", _STR, "Unique sample id (`{source}-{scene}-{pyramid_level}-{row}-{col}` for rasters); no dots, "
+           "so it is a valid WebDataset key."),
+    Column("shard", _STR, "Harvest shard (tar file stem under `shards/`) that holds the image."),
+    Column("source", _STR, "Source `name` from the sources file."),
+    Column("source_uri", _STR, "The scene or image the chip was cut from (path, URL or STAC item + assets)."),
+    Column("scene_id", _STR, "Stable id of that scene within the source (file stem + hash of its URI)."),
+    Column("license", _STR, "License of the source (SPDX id or text), copied from the sources file."),
+    Column("attribution", _STR, "Attribution required by the source, copied from the sources file."),
+    Column("sensor", _STR, "Sensor or camera (sources file, or STAC `instruments`); null if unknown."),
+    Column("platform", _STR, "Platform / satellite (sources file, or STAC `platform`); null if unknown."),
+    Column("acquired", _STR, "Acquisition date or time, ISO 8601, possibly partial (`2014-04`); from STAC "
+           "`datetime`, the sources file or the TIFF DATETIME tag; null if unknown."),
+    Column("crs", _STR, "CRS of the source raster (`EPSG:32618`, or WKT for CRSs without a code); null for "
+           "non-georeferenced images."),
+    Column("native_gsd_m", _F64, "Ground sample distance of the source pixels at the chip centre, metres "
+           "(geodesic, geometric mean of x and y)."),
+    Column("gsd_m", _F64, "Ground sample distance of the chip pixels, metres: sqrt(gsd_x_m * gsd_y_m). Null "
+           "when the source has no georeference and no declared `gsd_m`."),
+    Column("gsd_x_m", _F64, "Geodesic length of one chip pixel along its rows (column step), metres."),
+    Column("gsd_y_m", _F64, "Geodesic length of one chip pixel along its columns (row step), metres."),
+    Column("level", pa.int16(), "Text2Earth resolution level round(17 - log2(gsd_m)) (Google zoom; 10..18 = "
+           "128 m .. 0.5 m); null when the GSD is unknown."),
+    Column("pyramid_level", pa.int16(), "Pyramid step k: the chip averages 2^k x 2^k source pixels per "
+           "pixel (0 = native resolution)."),
+    Column("lon", _F64, "Chip centre longitude, WGS84 degrees in [-180, 180)."),
+    Column("lat", _F64, "Chip centre latitude, WGS84 degrees."),
+    Column("geometry", pa.binary(), "Chip footprint on the ground (WKB polygon, WGS84 lon/lat, edges "
+           "densified; split at the antimeridian). Null for non-georeferenced images."),
+    Column("width", pa.int32(), "Chip width in pixels."),
+    Column("height", pa.int32(), "Chip height in pixels."),
+    Column("nodata_fraction", pa.float32(), "Fraction of the chip's area without valid source data "
+           "(nodata, mask, or beyond the scene edge)."),
+    Column("pixel_window", pa.list_(pa.int64()), "Source pixel window [col_off, row_off, width, height] the "
+           "chip covers (before clipping to the scene); null for whole images."),
+    Column("bands", pa.list_(pa.int16()), "1-based source bands mapped to R, G, B (one repeated = grey)."),
+    Column("stretch_low", pa.list_(_F64), "Per output channel, the source value mapped to 0 by the scene's "
+           "percentile stretch; null when the scene was already 8-bit and not stretched."),
+    Column("stretch_high", pa.list_(_F64), "Per output channel, the source value mapped to 255."),
+    Column("stretch_percentiles", pa.list_(_F64), "The [low, high] percentiles the stretch used."),
+    Column("cloud_cover", _F64, "STAC `eo:cloud_cover` of the scene, percent; null if not given."),
+    Column("declared_gsd_m", _F64, "GSD the source declares (STAC `gsd` or the sources file `gsd_m`), "
+           "metres; compare with the measured `native_gsd_m`."),
+    Column("scene_class", _STR, "Class label the source gives for the image (captioned datasets), if any."),
+    Column("source_split", _STR, "Split the source assigns (e.g. Karpathy train/val/test), if any."),
+    Column("image_format", _STR, "Stored image encoding: `jpg` or `png`."),
+    Column("sha256", _STR, "SHA-256 of the stored image bytes."),
+    Column("caption", _STR, "Caption text stored as `{key}.txt`; null when the source has none (curation "
+           "adds one)."),
+    Column("captions", pa.list_(_STR), "Every caption the source has for the image (e.g. the five RSICD "
+           "sentences); empty when none."),
+    Column("caption_source", _STR, "Who wrote `caption`: `source` (the dataset's own), or null."),
+)
+
+REJECTED_COLUMNS: tuple[Column, ...] = (
+    Column("key", _STR, "Key the candidate would have had (or the scene id for scene-level failures)."),
+    Column("shard", _STR, "Harvest shard whose job examined the candidate."),
+    Column("source", _STR, "Source `name`."),
+    Column("source_uri", _STR, "Scene, image or URL the candidate came from."),
+    Column("stage", _STR, "Pipeline stage that dropped it (`harvest`)."),
+    Column("reason", _STR, "Machine-readable reason (see the reasons table in the README)."),
+    Column("detail", _STR, "Human-readable detail: the error message or the measured value."),
+    Column("pyramid_level", pa.int16(), "Pyramid step of the candidate chip; null for scene-level drops."),
+    Column("lon", _F64, "Candidate centre longitude where known."),
+    Column("lat", _F64, "Candidate centre latitude where known."),
+    Column("nodata_fraction", pa.float32(), "Measured nodata fraction where known."),
+)
+
+# Why a candidate can be dropped during harvest. Keys are what `rejected.reason` holds.
+REJECT_REASONS: dict[str, str] = {
+    "not_found": "The path, glob or URL matched no file.",
+    "unreachable": "A remote file or URL could not be fetched (connection refused, timeout, HTTP error).",
+    "not_a_raster": "The file is not in a raster format GDAL recognises.",
+    "unreadable": "The file is corrupt or truncated so its header or pixels cannot be read.",
+    "no_crs": "The raster has no coordinate reference system, so GSD and location are unknown.",
+    "no_georeference": "The raster has a CRS but no geotransform (e.g. only GCPs): warp it first.",
+    "bad_bands": "The configured bands or assets do not exist or do not share one pixel grid.",
+    "image_too_large": "The image or scene exceeds the pixel limit in params (decompression-bomb guard).",
+    "empty_raster": "The raster has no valid (non-nodata) pixels at all.",
+    "off_earth": "Some chip pixels are off the Earth's disk or outside the CRS's valid area.",
+    "nodata": "The chip's nodata fraction exceeds `max_nodata_fraction`.",
+    "constant": "The chip has a single value (range below `min_value_range`).",
+    "read_error": "Reading the chip's pixels failed (truncated or corrupt data blocks).",
+    "decode_error": "The image bytes could not be decoded.",
+    "download_failed": "img2dataset could not download or decode the URL (its error message is kept).",
+}
+
+
+def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
+    """Build the Arrow schema, with each description kept as field metadata for the cards."""
+    return pa.schema(
+        [pa.field(c.name, c.type, nullable=True, metadata={"description": c.description}) for c in columns]
+    )
+
+
+HARVEST_SCHEMA = arrow_schema(HARVEST_COLUMNS)
+REJECTED_SCHEMA = arrow_schema(REJECTED_COLUMNS)
+
+
+def markdown_table(columns: tuple[Column, ...]) -> str:
+    """Render columns as a Markdown table (used by the README and the data cards)."""
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{c.name}` | {c.type} | {c.description} |" for c in columns]
+    return "\n".join(lines)

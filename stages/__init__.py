@@ -1,0 +1,1 @@
+"""Thin DVC stage entry points and the `text2earth` command line."""
