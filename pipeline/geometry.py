@@ -175,12 +175,16 @@ def geodesic_pixel_size(transform: Affine, crs_text: str, col: float, row: float
 
 def window_transform(scene_transform: Affine, col_off: int, row_off: int, factor: int) -> Affine:
     """Affine of a chip whose pixel (0, 0) is scene pixel (col_off, row_off), each pixel `factor` wide."""
-    return scene_transform * Affine.translation(col_off, row_off) * Affine.scale(factor)
+    return scene_transform @ Affine.translation(col_off, row_off) @ Affine.scale(factor)
 
 
 def chip_geometry(scene_transform: Affine, crs_text: str, col_off: int, row_off: int, factor: int,
-                  size: int) -> ChipGeometry:
-    """Centre, GSD and footprint of one chip; raises SampleRejected('off_earth') if any part is invalid."""
+                  size: int, scene_width: int, scene_height: int) -> ChipGeometry:
+    """Centre, GSD and footprint of one chip; raises SampleRejected('off_earth') if any part is invalid.
+
+    The footprint is the ground the chip's scene pixels cover: a chip padded past the scene edge
+    (scenes smaller than one window) has a footprint clipped to the scene.
+    """
     tr = window_transform(scene_transform, col_off, row_off, factor)
     grid = np.linspace(0.0, float(size), 5)
     bc, br = _boundary(float(size), float(size), 16)
@@ -196,8 +200,10 @@ def chip_geometry(scene_transform: Affine, crs_text: str, col_off: int, row_off:
     clon, clat = pixels_to_lonlat(tr, crs_text, np.array([centre]), np.array([centre]))
     gx, gy = geodesic_pixel_size(tr, crs_text, centre, centre)
     lon0 = float((clon[0] + 180.0) % 360.0 - 180.0)
+    inside_w = min(float(size), (scene_width - col_off) / factor)
+    inside_h = min(float(size), (scene_height - row_off) / factor)
     return ChipGeometry(lon=lon0, lat=float(clat[0]), gsd_x_m=gx, gsd_y_m=gy,
-                        footprint=footprint(tr, crs_text, float(size), float(size)))
+                        footprint=footprint(tr, crs_text, inside_w, inside_h))
 
 
 def native_gsd_at(scene_transform: Affine, crs_text: str, col: float, row: float) -> float:

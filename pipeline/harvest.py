@@ -20,7 +20,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline import storage
 from pipeline.params import HarvestParams
@@ -132,8 +132,7 @@ def pipeline_options(params: HarvestParams, beam_args: Sequence[str], n_tasks: i
         runner = params.runner
         args += ["--runner", runner]
     if runner in ("FnApiRunner", "DirectRunner") and _arg_value(args, "--direct_num_workers") is None:
-        if params.workers > 1:
-            args += ["--direct_num_workers", str(params.workers), "--direct_running_mode", "multi_processing"]
+        args += ["--direct_num_workers", str(params.workers)]
     if "DaskRunner" in runner and _arg_value(args, "--dask_npartitions") is None:
         args += ["--dask_npartitions", str(max(1, min(n_tasks, 256)))]
     if _arg_value(args, "--default_sdk_harness_log_level") is None:
@@ -184,9 +183,27 @@ def prune_stale(output_dir: str, shards: set[str]) -> int:
     return removed
 
 
+def _local_runner(options: PipelineOptions) -> Any:
+    """FnApiRunner with our quiet worker processes when several local workers are asked for."""
+    direct = options.view_as(DirectOptions)
+    runner = options.view_as(StandardOptions).runner
+    if runner not in ("FnApiRunner", "DirectRunner") or (direct.direct_num_workers or 1) <= 1 or (
+            direct.direct_running_mode not in (None, "in_memory")):
+        return None  # anything the user configured explicitly is left to Beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    from pipeline.beam_worker import quiet_local_runner_logs
+
+    quiet_local_runner_logs()
+    direct.direct_running_mode = "in_memory"  # the environment below supplies the processes
+    command = f"{sys.executable} -m pipeline.beam_worker"
+    return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
+
+
 def _run_beam(params: HarvestParams, plan: Plan, beam_args: Sequence[str], progress_dir: str) -> None:
     options = pipeline_options(params, beam_args, len(plan.candidates))
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=_local_runner(options), options=options)
     _ = (
         pipeline
         | "PlanFiles" >> beam.Create(plan.files)

@@ -29,10 +29,11 @@ from pipeline.errors import SampleRejected
 from pipeline.geometry import crs_label, first_valid_gsd
 from pipeline.params import CaptionedSource, GeoTiffSource, HarvestParams, StacSource, UrlsSource
 from pipeline.raster import (
-    chip_grid,
+    axis_offsets,
     classify_error,
     default_bands,
     gdal_env,
+    probe_remote,
     pyramid_factors,
     read_header,
     tiff_datetime_to_iso,
@@ -121,6 +122,8 @@ def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, p
         with gdal_env(params.http_timeout_s, params.http_retries, params.gdal_config):
             header = read_header(ref["open_uri"])
     except RasterioError as exc:
+        if is_remote(ref["open_uri"]):
+            return _error(ref, *probe_remote(ref["open_uri"], params.http_timeout_s))
         return _error(ref, classify_error(exc), str(exc))
     if header.width * header.height > params.max_scene_pixels:
         return _error(ref, "image_too_large", f"{header.width}x{header.height} pixels > max_scene_pixels "
@@ -146,10 +149,11 @@ def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, p
         return _error(ref, exc.reason, exc.detail)
     factors = pyramid_factors(native, header.width, header.height, params.chip_size, params.max_gsd_m,
                               params.max_pyramid_levels, params.max_nodata_fraction)
-    chips: list[list[int]] = []
+    chips: list[list[int]] = []  # [pyramid level, row, col, col_off, row_off] in source pixels
     for k, f in enumerate(factors):
-        rows, cols = chip_grid(header.width, header.height, params.chip_size * f)
-        chips += [[k, r, c] for r in range(rows) for c in range(cols)]
+        side = params.chip_size * f
+        col_offs, row_offs = axis_offsets(header.width, side), axis_offsets(header.height, side)
+        chips += [[k, r, c, co, ro] for r, ro in enumerate(row_offs) for c, co in enumerate(col_offs)]
     meta = dict(ref["meta"])
     meta["acquired"] = meta.get("acquired") or tiff_datetime_to_iso(header.datetime_tag)
     scene = {

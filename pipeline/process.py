@@ -63,12 +63,11 @@ def _scene_stretch(scene: Scene, spec: dict[str, Any], params: HarvestParams) ->
 
 def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: list[int],
                  params: HarvestParams) -> tuple[dict[str, Any], bytes, Any]:
-    k, row, col = chip
+    k, _, _, col_off, row_off = chip
     factor, size = 2**k, params.chip_size
     side = size * factor
-    col_off, row_off = col * side, row * side
     transform = Affine(*spec["transform"])
-    geo = chip_geometry(transform, spec["crs"], col_off, row_off, factor, size)
+    geo = chip_geometry(transform, spec["crs"], col_off, row_off, factor, size, spec["width"], spec["height"])
     try:
         values, valid, nodata_fraction = scene.read_chip(col_off, row_off, factor, size,
                                                          params.max_read_factor)
@@ -94,10 +93,10 @@ def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: lis
 
 
 def _centre_lonlat(spec: dict[str, Any], chip: list[int], size: int) -> dict[str, Any]:
-    k, row, col = chip
-    side = size * 2**k
+    k, _, _, col_off, row_off = chip
+    half = size * 2**k / 2.0
     lon, lat = pixels_to_lonlat(Affine(*spec["transform"]), spec["crs"],
-                                np.array([(col + 0.5) * side]), np.array([(row + 0.5) * side]))
+                                np.array([col_off + half]), np.array([row_off + half]))
     ok = bool(np.isfinite(lon[0]) and np.isfinite(lat[0]) and abs(lat[0]) <= 90)
     return {"lon": float((lon[0] + 180) % 360 - 180) if ok else None, "lat": float(lat[0]) if ok else None}
 
@@ -112,7 +111,7 @@ def harvest_raster(task: dict[str, Any], params: HarvestParams, writer: ShardWri
                 raise SampleRejected("unreadable", "the file changed since planning; re-run the harvest")
             stretch = _scene_stretch(scene, spec, params)
             for chip in task["chips"]:
-                key = chip_key(task["source"], spec["scene_id"], *chip)
+                key = chip_key(task["source"], spec["scene_id"], *chip[:3])
                 try:
                     fields, image, footprint = _raster_chip(scene, stretch, spec, chip, params)
                 except SampleRejected as exc:
@@ -127,8 +126,8 @@ def harvest_raster(task: dict[str, Any], params: HarvestParams, writer: ShardWri
     except (SampleRejected, RasterioError) as exc:
         failure = exc if isinstance(exc, SampleRejected) else SampleRejected(classify_error(exc), str(exc))
         for chip in task["chips"][done:]:
-            reject_candidate(writer, task, chip_key(task["source"], spec["scene_id"], *chip), spec["uri"], failure,
-                    pyramid_level=chip[0])
+            reject_candidate(writer, task, chip_key(task["source"], spec["scene_id"], *chip[:3]), spec["uri"],
+                             failure, pyramid_level=chip[0])
 
 
 def harvest_images(task: dict[str, Any], params: HarvestParams, writer: ShardWriter) -> None:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.error
+import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NodataShadowWarning, RasterioError
 from rasterio.windows import Window
 
 from pipeline.errors import SampleRejected
@@ -40,6 +44,31 @@ def gdal_env(timeout_s: int, retries: int, extra: dict[str, str]) -> rasterio.En
                     "GDAL_HTTP_MAX_RETRY": str(retries), "GDAL_HTTP_RETRY_DELAY": "1"})
     options.update(extra)
     return rasterio.Env(**options)
+
+
+def probe_remote(uri: str, timeout_s: float) -> tuple[str, str]:
+    """Why GDAL could not open a remote file: fetch its first byte ourselves and look at the answer.
+
+    GDAL reports every /vsicurl/ failure as "does not exist in the file system", which would send
+    users hunting for a missing file when the server is down.
+    """
+    if uri.startswith(("http://", "https://")):
+        request = urllib.request.Request(uri, headers={"Range": "bytes=0-0", "User-Agent": "text2earth"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                return "not_a_raster", f"{uri} is reachable but GDAL cannot read it as a raster"
+        except urllib.error.HTTPError as exc:
+            reason = "not_found" if exc.code in (404, 410) else "unreachable"
+            return reason, f"{uri}: HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            return "unreachable", f"{uri}: {getattr(exc, 'reason', exc)}"
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.exists(path):
+            return "not_found", f"{uri} does not exist"
+    except Exception as exc:  # noqa: BLE001 - any client error means we could not reach it
+        return "unreachable", f"{uri}: {type(exc).__name__}: {exc}"
+    return "not_a_raster", f"{uri} exists but GDAL cannot read it as a raster"
 
 
 def classify_error(exc: BaseException) -> str:
@@ -150,7 +179,9 @@ class Scene:
                 masks.append((~np.ma.getmaskarray(arr)).astype(np.float64))
             else:
                 values.append(ds.read(band, **kw).astype(np.float64))
-                masks.append(ds.read_masks(band, **kw).astype(np.float64) / 255.0)
+                with warnings.catch_warnings():  # nodata shadowing an alpha band is what we want
+                    warnings.simplefilter("ignore", NodataShadowWarning)
+                    masks.append(ds.read_masks(band, **kw).astype(np.float64) / 255.0)
         stack = np.stack(values)
         weight = np.max(np.stack(masks), axis=0)  # a pixel is nodata only where every band is
         if self.nodata is not None:
@@ -231,22 +262,32 @@ def open_scene(channels: list[tuple[str, int]], nodata: float | None) -> Iterato
         yield scene
 
 
+def axis_offsets(dim: int, side: int) -> list[int]:
+    """Window starts along one axis: a regular grid, plus one window snapped to the far edge when the
+    leftover strip is at least half a window (so edge chips hold real pixels, not padding). A scene
+    shorter than one window but at least half of it gets one window at 0, padded with nodata.
+    """
+    full = dim // side
+    offsets = [i * side for i in range(full)]
+    if 2 * (dim - full * side) >= side:
+        offsets.append(max(dim - side, 0))
+    return offsets
+
+
 def pyramid_factors(native_gsd_m: float, width: int, height: int, size: int, max_gsd_m: float,
                     max_levels: int, max_nodata_fraction: float) -> list[int]:
-    """Factors 1, 2, 4, ... to cut: native always, coarser while GSD <= max and a chip can be filled."""
+    """Factors 1, 2, 4, ... to cut: native always; coarser while GSD <= max and some window of that
+    level could hold enough scene to pass the nodata threshold (no hopeless candidates are planned).
+    """
     factors = [1]
-    k = 1
-    while k <= max_levels:
+    for k in range(1, max_levels + 1):
         f = 2**k
+        side = size * f
         if native_gsd_m * f > max_gsd_m * (1 + 1e-9):
             break
-        if (width * height) / (f * f) < size * size * (1.0 - max_nodata_fraction):
-            break  # no chip at this level could pass the nodata threshold
+        best_fill = min(width, side) * min(height, side) / side**2
+        if not (axis_offsets(width, side) and axis_offsets(height, side)) or (
+                best_fill < 1.0 - max_nodata_fraction):
+            break
         factors.append(f)
-        k += 1
     return factors
-
-
-def chip_grid(width: int, height: int, side: int) -> tuple[int, int]:
-    """Rows and columns of `side`-pixel windows that cover the scene (the last ones run past its edge)."""
-    return math.ceil(height / side), math.ceil(width / side)

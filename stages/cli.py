@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from pipeline.beam_worker import DropHarnessChatter
 from pipeline.errors import Text2EarthError
 from stages import harvest
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "rasterio", "distributed", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DropHarnessChatter())
     unknown = [a for a in extra if a.startswith("--") is False and a.startswith("-")]
     if unknown:
         parser.error(f"unrecognised option(s): {' '.join(unknown)}")

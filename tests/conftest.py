@@ -1,0 +1,96 @@
+"""Shared fixtures: the sample harvest (run once per session) and small raster builders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+
+
+def harvest_params(tmp: Path, sources: list[dict[str, Any]] | str, **overrides: Any) -> Any:
+    """Validated HarvestParams writing under `tmp`, with the repo's defaults for everything else."""
+    from pipeline.params import load_harvest_params
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    section = base["harvest"]
+    section.update({"sources": sources, "output_dir": str(tmp / "harvest"), "work_dir": str(tmp / "work")})
+    section.update(overrides)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump({"harvest": section}))
+    return load_harvest_params(path)
+
+
+def run(params: Any, beam_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run a harvest in-process (FnApiRunner), no progress bar."""
+    from pipeline.harvest import run_harvest
+
+    return run_harvest(params, beam_args, progress=False)
+
+
+def write_raster(path: Path, data: np.ndarray, crs: Any, transform: Affine, nodata: float | None = None,
+                 **profile: Any) -> Path:
+    """Write a GeoTIFF from a (bands, rows, cols) array."""
+    count, height, width = data.shape
+    meta = {"driver": "GTiff", "width": width, "height": height, "count": count, "dtype": data.dtype.name,
+            "crs": CRS.from_user_input(crs) if crs is not None else None, "transform": transform,
+            "nodata": nodata}
+    meta.update(profile)
+    with rasterio.open(path, "w", **meta) as dst:
+        dst.write(data)
+    return path
+
+
+def textured(bands: int, height: int, width: int, dtype: str = "uint8", seed: int = 0) -> np.ndarray:
+    """Deterministic non-constant test pixels."""
+    rng = np.random.default_rng(seed)
+    scale = 255 if dtype == "uint8" else 4000
+    return (rng.random((bands, height, width)) * scale).astype(dtype)
+
+
+@pytest.fixture(scope="session")
+def sample_harvest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The repo's sources.yaml harvested once, exactly as `dvc repro` does (relative paths, repo cwd)."""
+    tmp = tmp_path_factory.mktemp("sample")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        params = harvest_params(tmp, str(REPO / "sources.yaml"))
+        summary = run(params)
+    finally:
+        os.chdir(cwd)
+    (tmp / "summary.yaml").write_text(yaml.safe_dump(summary))
+    yield tmp / "harvest"
+
+
+@pytest.fixture()
+def in_repo() -> Iterator[Path]:
+    """Run a test from the repository root (sources use repo-relative paths)."""
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        yield REPO
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture()
+def sample_copy(tmp_path: Path) -> Path:
+    """A private copy of the sample GeoTIFFs (tests that damage or reproject files)."""
+    dst = tmp_path / "geotiff"
+    shutil.copytree(SAMPLE / "geotiff", dst)
+    return dst
