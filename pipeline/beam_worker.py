@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 
-
 _CHATTER = (
     "semi_persistent_directory",  # every harness says it has no session file: irrelevant locally
     "direct_running_mode should be",  # our subprocess environment *is* the multi-process mode

@@ -40,17 +40,25 @@ def check_quality(rgb: np.ndarray, nodata_fraction: float, max_nodata_fraction: 
                   min_value_range: int, valid: np.ndarray | None = None) -> None:
     """Reject chips that are mostly nodata or carry a single value (raises SampleRejected)."""
     if nodata_fraction > max_nodata_fraction:
-        raise SampleRejected("nodata", f"nodata fraction {nodata_fraction:.3f} > {max_nodata_fraction}")
-    pixels = rgb if valid is None else rgb[:, valid]
-    value_range = int(pixels.max()) - int(pixels.min()) if pixels.size else 0
+        raise SampleRejected("nodata", f"nodata fraction {nodata_fraction:.3f} > {max_nodata_fraction}",
+                             nodata_fraction=nodata_fraction)
+    if valid is None or valid.all():
+        value_range = int(rgb.max()) - int(rgb.min())
+    elif valid.any():  # extremes over valid pixels only, without copying them out
+        value_range = int(np.where(valid, rgb, 0).max()) - int(np.where(valid, rgb, 255).min())
+    else:
+        value_range = 0
     if value_range < max(min_value_range, 1):
-        raise SampleRejected("constant", f"8-bit value range {value_range} < {max(min_value_range, 1)}")
+        raise SampleRejected("constant", f"8-bit value range {value_range} < {max(min_value_range, 1)}",
+                             nodata_fraction=nodata_fraction)
 
 
 def encode_image(rgb: np.ndarray, image_format: str, jpeg_quality: int) -> bytes:
     """Encode an (3, H, W) or (H, W, 3) uint8 array; deterministic for a given Pillow/libjpeg."""
-    arr = rgb if rgb.shape[-1] == 3 else np.transpose(rgb, (1, 2, 0))
-    img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+    if rgb.shape[0] == 3 and rgb.ndim == 3:  # planar (C, H, W): merging planes beats a transposed copy
+        img = Image.merge("RGB", [Image.fromarray(np.ascontiguousarray(plane)) for plane in rgb])
+    else:
+        img = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
     buf = io.BytesIO()
     if image_format == "png":
         img.save(buf, format="PNG", optimize=False, compress_level=6)
@@ -80,7 +88,7 @@ def decode_whole_image(data: bytes, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SampleRejected("image_too_large", str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
+    except Exception as exc:
         raise SampleRejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
     return img
 

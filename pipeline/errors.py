@@ -19,10 +19,11 @@ class SourceError(Text2EarthError, ValueError):
     """A source cannot be read as configured (raised only where a whole source is unusable)."""
 
 
-class SampleRejected(Exception):  # noqa: N818 - a control-flow signal, not an error to report
+class SampleRejected(Exception):
     """A candidate sample is dropped; carries the machine-readable reason and a human detail."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", **fields: object) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.fields = fields  # measured values worth keeping in the rejected row (nodata_fraction...)

@@ -13,9 +13,9 @@ from functools import lru_cache
 
 import numpy as np
 import shapely
-from shapely import affinity
 from affine import Affine
 from pyproj import CRS, Geod, Transformer
+from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.geometry.polygon import orient
@@ -34,6 +34,7 @@ class ChipGeometry:
     lat: float
     gsd_x_m: float
     gsd_y_m: float
+    native_gsd_m: float
     footprint: BaseGeometry
 
     @property
@@ -80,7 +81,14 @@ def _global_lat_limits(crs_text: str) -> tuple[float, float] | None:
 
 def crs_label(crs_like: object) -> str:
     """`EPSG:xxxx` when the CRS has an authority code, otherwise its WKT2 (accepts rasterio CRSs too)."""
-    crs = CRS.from_user_input(crs_like)
+    to_wkt = getattr(crs_like, "to_wkt", None)
+    return _crs_label(to_wkt() if callable(to_wkt) else str(crs_like))
+
+
+@lru_cache(maxsize=256)
+def _crs_label(crs_text: str) -> str:
+    """Authority lookup is slow (milliseconds): one per distinct CRS."""
+    crs = CRS.from_user_input(crs_text)
     auth = crs.to_authority(min_confidence=90)
     return f"{auth[0]}:{auth[1]}" if auth else crs.to_wkt()
 
@@ -136,7 +144,7 @@ def _fold_to_world(poly: Polygon) -> BaseGeometry:
     return oriented[0] if len(oriented) == 1 else MultiPolygon(oriented)
 
 
-def footprint(transform: Affine, crs_text: str, width: float, height: float, per_edge: int = 16
+def footprint(transform: Affine, crs_text: str, width: float, height: float, per_edge: int = 8
               ) -> BaseGeometry:
     """Ground footprint of a pixel rectangle as a WGS84 (multi)polygon, densified along its edges.
 
@@ -145,8 +153,18 @@ def footprint(transform: Affine, crs_text: str, width: float, height: float, per
     """
     cols, rows = _boundary(width, height, per_edge)
     lon, lat = pixels_to_lonlat(transform, crs_text, cols, rows)
+    return _ring_to_polygon(lon, lat)
+
+
+def _ring_to_polygon(lon: np.ndarray, lat: np.ndarray) -> BaseGeometry:
+    """A closed boundary in lon/lat as a valid (multi)polygon inside [-180, 180]."""
     if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
         raise SampleRejected("off_earth", "footprint corners do not transform to lon/lat")
+    lo, hi = lon.min(), lon.max()
+    if hi - lo < 90.0 and lo >= -180.0 and hi <= 180.0:  # the common case: away from the antimeridian
+        x, y = lon, lat
+        signed_area = float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) + x[-1] * y[0] - x[0] * y[-1])
+        return Polygon(np.column_stack([x, y]) if signed_area > 0 else np.column_stack([x[::-1], y[::-1]]))
     lon_u = np.degrees(np.unwrap(np.radians(np.append(lon, lon[0]))))
     winding = lon_u[-1] - lon_u[0]
     ring = list(zip(lon_u[:-1], lat, strict=True))
@@ -174,36 +192,76 @@ def geodesic_pixel_size(transform: Affine, crs_text: str, col: float, row: float
 
 
 def window_transform(scene_transform: Affine, col_off: int, row_off: int, factor: int) -> Affine:
-    """Affine of a chip whose pixel (0, 0) is scene pixel (col_off, row_off), each pixel `factor` wide."""
-    return scene_transform @ Affine.translation(col_off, row_off) @ Affine.scale(factor)
+    """Affine of a chip whose pixel (0, 0) is scene pixel (col_off, row_off), each pixel `factor` wide.
+
+    (= scene @ translation(col_off, row_off) @ scale(factor), written out: Affine's operators are slow
+    enough to show up per chip.)
+    """
+    a, b, c, d, e, f = scene_transform[:6]
+    return Affine(a * factor, b * factor, a * col_off + b * row_off + c,
+                  d * factor, e * factor, d * col_off + e * row_off + f)
+
+
+@lru_cache(maxsize=64)
+def _chip_points(size: int, factor: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Chip-pixel points sampled per chip: outline, 3x3 grid, centre, then the GSD point pairs.
+
+    The same for every chip of a (size, factor), so built once.
+    """
+    c = size / 2.0
+    h, n = 0.5, 0.5 / factor  # half a chip pixel, half a source pixel (in chip pixels)
+    bc, br = _boundary(float(size), float(size), 8)
+    grid = np.linspace(0.0, float(size), 3)
+    gc, gr = (a.ravel() for a in np.meshgrid(grid, grid))
+    pc = np.array([c, c - h, c + h, c, c, c - n, c + n, c, c])
+    pr = np.array([c, c, c, c - h, c + h, c, c, c - n, c + n])
+    cols, rows = np.concatenate([bc, gc, pc]), np.concatenate([br, gr, pr])
+    cols.setflags(write=False)
+    rows.setflags(write=False)
+    return cols, rows, len(bc)
+
+
+def corners_on_earth(scene_transform: Affine, crs_text: str, col_off: int, row_off: int, factor: int,
+                     size: int) -> None:
+    """Cheap first check (corners and centre) so chips off a geostationary disk are never read.
+
+    `chip_geometry` later checks the whole outline, a grid and the round trip for chips that are kept.
+    """
+    tr = window_transform(scene_transform, col_off, row_off, factor)
+    pts = np.array([0.0, float(size), float(size) / 2.0])
+    cols, rows = np.array([pts[0], pts[1], pts[1], pts[0], pts[2]]), np.array([pts[0], pts[0], pts[1], pts[1], pts[2]])
+    lon, lat = pixels_to_lonlat(tr, crs_text, cols, rows)
+    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat)) and np.all(np.abs(lat) <= 90.0)):
+        raise SampleRejected("off_earth", "a chip corner is off the Earth")
 
 
 def chip_geometry(scene_transform: Affine, crs_text: str, col_off: int, row_off: int, factor: int,
                   size: int, scene_width: int, scene_height: int) -> ChipGeometry:
-    """Centre, GSD and footprint of one chip; raises SampleRejected('off_earth') if any part is invalid.
+    """Centre, GSD (chip and native) and footprint of one chip, from one coordinate transform.
 
-    The footprint is the ground the chip's scene pixels cover: a chip padded past the scene edge
-    (scenes smaller than one window) has a footprint clipped to the scene.
+    Raises SampleRejected('off_earth') if any sampled point of the chip is off the Earth or outside the
+    CRS's valid area. The footprint is the ground the chip's scene pixels cover: a chip padded past the
+    scene edge (scenes smaller than one window) has a footprint clipped to the scene.
     """
     tr = window_transform(scene_transform, col_off, row_off, factor)
-    grid = np.linspace(0.0, float(size), 5)
-    bc, br = _boundary(float(size), float(size), 16)
-    gc, gr = (a.ravel() for a in np.meshgrid(grid, grid))
-    cols, rows = np.concatenate([bc, gc]), np.concatenate([br, gr])
+    cols, rows, n_outline = _chip_points(size, factor)
     lon, lat = pixels_to_lonlat(tr, crs_text, cols, rows)
     ok = _valid_points(tr, crs_text, cols, rows, lon, lat)
     if not ok.all():
         bad = int((~ok).sum())
         raise SampleRejected("off_earth", f"{bad} of {ok.size} sampled chip points are off the Earth or "
                              "outside the CRS's valid area")
-    centre = size / 2.0
-    clon, clat = pixels_to_lonlat(tr, crs_text, np.array([centre]), np.array([centre]))
-    gx, gy = geodesic_pixel_size(tr, crs_text, centre, centre)
-    lon0 = float((clon[0] + 180.0) % 360.0 - 180.0)
+    p = len(cols) - 9  # the centre, then the x, y, native x, native y pairs of GSD points
+    _, _, dist = GEOD.inv(lon[p + 1:p + 9:2], lat[p + 1:p + 9:2], lon[p + 2:p + 9:2], lat[p + 2:p + 9:2])
+    gx, gy, nx, ny = (float(d) for d in dist)
     inside_w = min(float(size), (scene_width - col_off) / factor)
     inside_h = min(float(size), (scene_height - row_off) / factor)
-    return ChipGeometry(lon=lon0, lat=float(clat[0]), gsd_x_m=gx, gsd_y_m=gy,
-                        footprint=footprint(tr, crs_text, inside_w, inside_h))
+    if inside_w == size and inside_h == size:
+        outline = _ring_to_polygon(lon[:n_outline], lat[:n_outline])
+    else:
+        outline = footprint(tr, crs_text, inside_w, inside_h)
+    return ChipGeometry(lon=float((lon[p] + 180.0) % 360.0 - 180.0), lat=float(lat[p]), gsd_x_m=gx, gsd_y_m=gy,
+                        native_gsd_m=math.sqrt(nx * ny), footprint=outline)
 
 
 def native_gsd_at(scene_transform: Affine, crs_text: str, col: float, row: float) -> float:

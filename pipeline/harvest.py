@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
+import fsspec
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -76,7 +79,7 @@ def read_plan_file(url: str) -> Iterator[str]:
     yield from (line for line in text.splitlines() if line.strip())
 
 
-class HarvestShard(beam.DoFn):  # type: ignore[misc]
+class HarvestShard(beam.DoFn):
     """Process one shard task; skip it when its committed fingerprint already matches."""
 
     def __init__(self, params: dict[str, Any], progress_dir: str) -> None:
@@ -94,6 +97,8 @@ class HarvestShard(beam.DoFn):  # type: ignore[misc]
         """Write the shard (or skip it) and leave a progress marker for the driver's bar."""
         from pipeline.process import harvest_task  # imported on the worker
 
+        started = time.time()
+        cpu_started = time.process_time()
         task = json.loads(line)
         output_dir = self.params.output_dir
         if committed_fingerprint(output_dir, task["shard"]) == task["fingerprint"]:
@@ -109,10 +114,15 @@ class HarvestShard(beam.DoFn):  # type: ignore[misc]
             result = writer.commit()
             self.written.inc(result["written"])
             self.rejected.inc(result["rejected"])
-        with storage.atomic_write(storage.join(self.progress_dir, task["shard"])) as local, \
-                open(local, "w") as fh:
+        # a progress marker for the driver's bar and its final check (a half-written one is harmless:
+        # the progress folder is cleared at the start of every run); timings show worker utilisation
+        result.update(worker=f"{socket.gethostname()}:{os.getpid()}", started=round(started, 3),
+                      seconds=round(time.time() - started, 4),
+                      cpu_seconds=round(time.process_time() - cpu_started, 4))
+        state = "skipped" if result.get("skipped") else "done"
+        with fsspec.open(storage.join(self.progress_dir, f"{task['shard']}.{state}"), "w") as fh:
             json.dump(result, fh)
-        yield result
+        yield {k: result[k] for k in ("shard", "written", "rejected") if k in result}
 
 
 def _arg_value(args: Sequence[str], name: str) -> str | None:
@@ -160,7 +170,8 @@ class ProgressMonitor(threading.Thread):
         done_shards: set[str] = set()
         while True:
             stopping = self.stop_event.wait(self.interval)
-            for name in storage.list_files(self.progress_dir):
+            for marker in storage.list_files(self.progress_dir):
+                name = marker.rsplit(".", 1)[0]
                 if name in self.plan.candidates and name not in done_shards:
                     done_shards.add(name)
                     bar.update(self.plan.candidates[name])
@@ -242,13 +253,15 @@ def run_harvest(params: HarvestParams, beam_args: Sequence[str] = (), progress: 
     finally:
         monitor.stop_event.set()
         monitor.join()
-    finished = set(storage.list_files(progress_dir))
+    markers = storage.list_files(progress_dir)
+    finished = {m.rsplit(".", 1)[0] for m in markers}
     missing = sorted(s for s in plan.candidates if s not in finished)
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) were not written (first: {missing[0]}); re-run to resume")
     prune_stale(params.output_dir, set(plan.candidates))
     summary = summarize(params.output_dir, plan.total)
     summary["seconds"] = round(time.monotonic() - started, 2)
+    summary["shards_resumed"] = sum(1 for m in markers if m.endswith(".skipped"))
     return summary
 
 

@@ -144,11 +144,13 @@ class HarvestParams(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
     stretch_percentiles: tuple[float, float] = (2.0, 98.0)
     stretch_per_band: bool = Field(False, description="False keeps colour balance (one range for all bands).")
-    stretch_sample_size: int = Field(1024, ge=64, description="Longest side of the decimated stats read.")
-    samples_per_shard: int = Field(1000, ge=1)
+    stretch_sample_size: int = Field(512, ge=64, description="Longest side of the decimated stats read.")
+    samples_per_shard: int = Field(256, ge=1, description="Candidates per shard task: small enough "
+                                   "to balance workers, large enough that per-shard costs vanish.")
     max_image_pixels: int = Field(100_000_000, ge=1, description="Limit for images decoded whole.")
     max_scene_pixels: int = Field(10_000_000_000, ge=1, description="Limit for rasters read by windows.")
-    max_read_factor: int = Field(16, ge=1, description="Above this pyramid factor GDAL pre-averages reads.")
+    max_read_factor: int = Field(8, ge=1, description="Above this pyramid factor GDAL pre-averages reads "
+                                 "(bounds a worker's memory: a window is at most (chip_size * this)^2 pixels).")
     runner: str = Field("FnApiRunner", description="Beam runner; extra runner options go on the CLI.")
     workers: int = Field(1, ge=1, description="Worker processes for FnApiRunner.")
     planning_threads: int = Field(16, ge=1, description="Threads reading scene headers while planning.")

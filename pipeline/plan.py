@@ -93,6 +93,9 @@ def expand_uri(uri: str) -> list[str]:
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
     """map() over a thread pool that keeps input order and holds at most 4x`threads` items in flight."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
     window: deque[Future[R]] = deque()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for item in items:
@@ -196,7 +199,8 @@ def _error_tasks(source: Any, errors: list[dict[str, Any]], size: int) -> Iterat
 
 
 def plan_raster_source(source: GeoTiffSource | StacSource, params: HarvestParams) -> Iterator[dict[str, Any]]:
-    """Shard tasks for a geotiff/stac source: each scene's chips in groups of `samples_per_shard`."""
+    """Shard tasks for a geotiff/stac source: consecutive scenes' chips packed `samples_per_shard` at a
+    time, so many small scenes share a shard and a large scene spans several."""
     errors: list[dict[str, Any]] = []
     try:
         refs = list(_raster_refs(source))
@@ -210,14 +214,29 @@ def plan_raster_source(source: GeoTiffSource | StacSource, params: HarvestParams
     def plan_one(ref: dict[str, Any]) -> dict[str, Any]:
         return ref if "error" in ref else plan_raster_scene(ref, source, params)
 
-    for planned in ordered_map(plan_one, refs, params.planning_threads):
+    # header reads of local files are fast and GDAL serialises them: threads only pay off remotely
+    remote = isinstance(source, StacSource) or is_remote(source.uri)
+    parts: list[dict[str, Any]] = []  # the shard being filled: [{scene, meta, chips}, ...]
+    filled, shard_no = 0, 0
+    for planned in ordered_map(plan_one, refs, params.planning_threads if remote else 1):
         if "error" in planned:
             errors.append(planned)
             continue
-        for part, chips in enumerate(_chunks(planned["chips"], params.samples_per_shard)):
-            yield {"kind": "raster", "shard": f"{source.name}-{planned['scene']['scene_id']}-{part:03d}",
-                   "source": source.name, "scene": planned["scene"], "meta": planned["meta"], "chips": chips}
+        chips = planned["chips"]
+        while chips:
+            take = min(params.samples_per_shard - filled, len(chips))
+            parts.append({"scene": planned["scene"], "meta": planned["meta"], "chips": chips[:take]})
+            chips, filled = chips[take:], filled + take
+            if filled == params.samples_per_shard:
+                yield _raster_task(source.name, shard_no, parts)
+                parts, filled, shard_no = [], 0, shard_no + 1
+    if parts:
+        yield _raster_task(source.name, shard_no, parts)
     yield from _error_tasks(source, errors, params.samples_per_shard)
+
+
+def _raster_task(source: str, number: int, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"kind": "raster", "shard": f"{source}-{number:05d}", "source": source, "scenes": parts}
 
 
 def _karpathy_images(source: CaptionedSource) -> Iterator[dict[str, Any]]:
@@ -305,4 +324,6 @@ def plan_sources(params: HarvestParams, settings: str) -> Iterator[dict[str, Any
 
 def candidate_count(task: dict[str, Any]) -> int:
     """How many candidates a task examines (progress and accounting)."""
-    return len(task.get("chips") or task.get("images") or task.get("rows") or task.get("errors") or [])
+    if task["kind"] == "raster":
+        return sum(len(part["chips"]) for part in task["scenes"])
+    return len(task.get("images") or task.get("rows") or task.get("errors") or [])

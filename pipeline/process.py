@@ -24,7 +24,7 @@ from pipeline.chips import (
     sha256_hex,
 )
 from pipeline.errors import SampleRejected
-from pipeline.geometry import chip_geometry, level_for_gsd, native_gsd_at, pixels_to_lonlat
+from pipeline.geometry import chip_geometry, corners_on_earth, level_for_gsd, pixels_to_lonlat
 from pipeline.params import HarvestParams
 from pipeline.raster import Scene, Stretch, classify_error, gdal_env, open_scene
 from pipeline.shard_writer import ShardWriter
@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 _STRETCH_CACHE: OrderedDict[str, Stretch] = OrderedDict()  # per worker process: scenes split in parts
 
 
-def base_row(task: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    meta = task["meta"]
-    row = {"source": task["source"], "license": meta["license"], "attribution": meta["attribution"],
+def base_row(source: str, meta: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A metadata row: the source's copied fields (licence, sensor...) plus the sample's own."""
+    row = {"source": source, "license": meta["license"], "attribution": meta["attribution"],
            "sensor": meta.get("sensor"), "platform": meta.get("platform"), "acquired": meta.get("acquired"),
            "cloud_cover": meta.get("cloud_cover"), "declared_gsd_m": meta.get("declared_gsd_m"),
            "captions": [], "caption": None, "caption_source": None}
@@ -45,9 +45,10 @@ def base_row(task: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 
 def reject_candidate(writer: ShardWriter, task: dict[str, Any], key: str, uri: str, exc: SampleRejected,
-            **fields: Any) -> None:
+                     **fields: Any) -> None:
+    """Record a dropped candidate with its reason, detail and whatever was measured before it failed."""
     writer.reject({"key": key, "source": task["source"], "source_uri": uri, "reason": exc.reason,
-                   "detail": exc.detail[:2000], **fields})
+                   "detail": exc.detail[:2000], **fields, **exc.fields})
 
 
 def _scene_stretch(scene: Scene, spec: dict[str, Any], params: HarvestParams) -> Stretch:
@@ -67,21 +68,23 @@ def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: lis
     factor, size = 2**k, params.chip_size
     side = size * factor
     transform = Affine(*spec["transform"])
-    geo = chip_geometry(transform, spec["crs"], col_off, row_off, factor, size, spec["width"], spec["height"])
+    corners_on_earth(transform, spec["crs"], col_off, row_off, factor, size)  # before reading anything
     try:
         values, valid, nodata_fraction = scene.read_chip(col_off, row_off, factor, size,
                                                          params.max_read_factor)
     except RasterioError as exc:
         raise SampleRejected("read_error", str(exc)) from exc
-    rgb = np.where(valid, stretch.to_uint8(values), 0).astype(np.uint8)
+    rgb = stretch.to_uint8(values)
+    if not valid.all():
+        rgb = np.where(valid, rgb, 0).astype(np.uint8)
     if rgb.shape[0] == 1:
         rgb = np.repeat(rgb, 3, axis=0)
     check_quality(rgb, nodata_fraction, params.max_nodata_fraction, params.min_value_range, valid)
+    geo = chip_geometry(transform, spec["crs"], col_off, row_off, factor, size, spec["width"], spec["height"])
     image = encode_image(rgb, params.image_format, params.jpeg_quality)
-    centre = (col_off + side / 2.0, row_off + side / 2.0)
     fields = {
         "crs": spec["crs"], "gsd_x_m": geo.gsd_x_m, "gsd_y_m": geo.gsd_y_m, "gsd_m": geo.gsd_m,
-        "native_gsd_m": native_gsd_at(transform, spec["crs"], *centre), "level": level_for_gsd(geo.gsd_m),
+        "native_gsd_m": geo.native_gsd_m, "level": level_for_gsd(geo.gsd_m),
         "pyramid_level": k, "lon": geo.lon, "lat": geo.lat, "width": size, "height": size,
         "nodata_fraction": nodata_fraction, "pixel_window": [col_off, row_off, side, side],
         "bands": [b for _, b in spec["channels"]],
@@ -102,30 +105,36 @@ def _centre_lonlat(spec: dict[str, Any], chip: list[int], size: int) -> dict[str
 
 
 def harvest_raster(task: dict[str, Any], params: HarvestParams, writer: ShardWriter) -> None:
-    """Read, check, stretch and encode every chip of a raster task."""
-    spec = task["scene"]
+    """Read, check, stretch and encode every chip of every scene part of a raster task."""
+    for part in task["scenes"]:
+        _harvest_scene_part(task, part, params, writer)
+
+
+def _harvest_scene_part(task: dict[str, Any], part: dict[str, Any], params: HarvestParams,
+                        writer: ShardWriter) -> None:
+    spec, meta, chips = part["scene"], part["meta"], part["chips"]
     done = 0
     try:
         with open_scene([(u, b) for u, b in spec["channels"]], spec["nodata"]) as scene:
             if (scene.width, scene.height) != (spec["width"], spec["height"]):
                 raise SampleRejected("unreadable", "the file changed since planning; re-run the harvest")
             stretch = _scene_stretch(scene, spec, params)
-            for chip in task["chips"]:
+            for chip in chips:
                 key = chip_key(task["source"], spec["scene_id"], *chip[:3])
                 try:
                     fields, image, footprint = _raster_chip(scene, stretch, spec, chip, params)
                 except SampleRejected as exc:
                     extra = {} if exc.reason == "off_earth" else _centre_lonlat(spec, chip, params.chip_size)
-                    reject_candidate(writer, task, key, spec["uri"], exc, pyramid_level=chip[0], **extra,
-                            nodata_fraction=None)
+                    reject_candidate(writer, task, key, spec["uri"], exc, pyramid_level=chip[0], **extra)
                 else:
-                    row = base_row(task, key=key, source_uri=spec["uri"], scene_id=spec["scene_id"],
-                                    image_format=params.image_format, sha256=sha256_hex(image), **fields)
+                    row = base_row(task["source"], meta, key=key, source_uri=spec["uri"],
+                                   scene_id=spec["scene_id"], image_format=params.image_format,
+                                   sha256=sha256_hex(image), **fields)
                     writer.add(row, image, footprint)
                 done += 1
     except (SampleRejected, RasterioError) as exc:
         failure = exc if isinstance(exc, SampleRejected) else SampleRejected(classify_error(exc), str(exc))
-        for chip in task["chips"][done:]:
+        for chip in chips[done:]:
             reject_candidate(writer, task, chip_key(task["source"], spec["scene_id"], *chip[:3]), spec["uri"],
                              failure, pyramid_level=chip[0])
 
@@ -152,7 +161,7 @@ def harvest_images(task: dict[str, Any], params: HarvestParams, writer: ShardWri
         gsd = declared * scale if declared else None
         captions = rec["captions"]
         row = base_row(
-            task, key=rec["key"], source_uri=rec["uri"], scene_id=rec["key"].split("-", 1)[1],
+            task["source"], task["meta"], key=rec["key"], source_uri=rec["uri"], scene_id=rec["key"].split("-", 1)[1],
             gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared, level=level_for_gsd(gsd),
             pyramid_level=0, width=params.chip_size, height=params.chip_size, nodata_fraction=0.0,
             bands=[1, 2, 3], scene_class=rec.get("class"), source_split=rec.get("split"),

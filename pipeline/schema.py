@@ -127,3 +127,10 @@ def markdown_table(columns: tuple[Column, ...]) -> str:
     lines = ["| column | type | meaning |", "|---|---|---|"]
     lines += [f"| `{c.name}` | {c.type} | {c.description} |" for c in columns]
     return "\n".join(lines)
+
+
+def reasons_table() -> str:
+    """Render the rejection reasons as a Markdown table."""
+    lines = ["| reason | meaning |", "|---|---|"]
+    lines += [f"| `{reason}` | {meaning} |" for reason, meaning in REJECT_REASONS.items()]
+    return "\n".join(lines)

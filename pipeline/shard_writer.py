@@ -3,20 +3,26 @@
 The metadata Parquet is written last and carries the shard's fingerprint, so it is the commit marker:
 a shard whose metadata exists with the expected fingerprint is complete and is skipped on a re-run.
 Tars use mtime 0 and fixed owners, and Parquet files carry no timestamps, so re-runs are byte-identical.
+
+The tar members follow the WebDataset layout (`{key}.{ext}`, one sample's files next to each other) and
+are read back with `webdataset.WebDataset` in the tests. They are written with the standard library's
+`tarfile` rather than `webdataset.TarWriter` because importing webdataset imports torch: 500 MB and 2-3 s
+in every Beam worker process (measured; see benchmarks/RESULTS.md), for a writer that is a loop over
+`tarfile.addfile`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tarfile
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-import webdataset as wds
 from pyproj import CRS
-from shapely.geometry import mapping
 
 from pipeline import storage
 from pipeline.schema import HARVEST_SCHEMA, REJECTED_SCHEMA
@@ -56,11 +62,11 @@ def _json_default(value: Any) -> Any:
 
 
 def row_json(row: dict[str, Any], geometry: Any) -> bytes:
-    """The `{key}.json` member: the metadata row with the footprint as GeoJSON."""
+    """The `{key}.json` member: the metadata row (sorted keys) with the footprint as GeoJSON, last."""
     doc = {k: v for k, v in row.items() if k != "geometry"}
-    doc["geometry"] = mapping(geometry) if geometry is not None else None
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=_json_default, allow_nan=False)
-    return text.encode("utf-8")
+    footprint = shapely.to_geojson(geometry) if geometry is not None else "null"  # GEOS writes it fast
+    return f'{text[:-1]},"geometry":{footprint}}}'.encode()
 
 
 def _geo_metadata(geometries: list[Any]) -> bytes:
@@ -80,6 +86,26 @@ def _geo_metadata(geometries: list[Any]) -> bytes:
     return json.dumps(geo, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+class WebDatasetTar:
+    """Append WebDataset samples to a tar: members `{key}.{ext}`, mtime 0, read-only, fixed owner."""
+
+    def __init__(self, path: str) -> None:
+        # PAX headers keep member names of any length (USTAR stops at 100 characters)
+        self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample's files; `members` maps extension -> bytes."""
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "text2earth"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        """Finish the archive (end-of-archive blocks)."""
+        self.tar.close()
+
+
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
     return pa.Table.from_pydict(columns, schema=schema)
@@ -96,20 +122,21 @@ class ShardWriter:
         self.geometries: list[Any] = []
         self.rejected: list[dict[str, Any]] = []
         self._tar_ctx: Any = None
-        self._tar: wds.TarWriter | None = None
+        self._tar: WebDatasetTar | None = None
 
     def add(self, row: dict[str, Any], image: bytes, geometry: Any) -> None:
         """Append one kept sample (its row must already hold key, sha256, caption...)."""
         if self._tar is None:
             self._tar_ctx = storage.atomic_write(self.paths["tar"])
             local = self._tar_ctx.__enter__()
-            self._tar = wds.TarWriter(local, mtime=0, encoder=False, user="text2earth", group="text2earth")
+            self._tar = WebDatasetTar(local)
         row = {**row, "shard": self.shard,
                "geometry": shapely.to_wkb(geometry, output_dimension=2) if geometry is not None else None}
-        sample = {"__key__": row["key"], row["image_format"]: image, "json": row_json(row, geometry)}
+        members = {row["image_format"]: image}
         if row.get("caption"):
-            sample["txt"] = row["caption"].encode("utf-8")
-        self._tar.write(sample)
+            members["txt"] = row["caption"].encode("utf-8")
+        members["json"] = row_json(row, geometry)
+        self._tar.write(row["key"], members)
         self.rows.append(row)
         self.geometries.append(geometry)
 

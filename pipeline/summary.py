@@ -53,6 +53,8 @@ def summary_line(summary: dict[str, Any], output_dir: str) -> str:
     """One human line: what was written where, what was dropped and why, how fast."""
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items(), key=lambda kv: -kv[1]))
     rate = summary["candidates"] / summary["seconds"] if summary.get("seconds") else 0.0
-    return (f"harvest: wrote {summary['written']} chips in {summary['shards']} shards to {output_dir}; "
+    resumed = summary.get("shards_resumed", 0)
+    kept = f" ({resumed} already done, kept)" if resumed else ""
+    return (f"harvest: wrote {summary['written']} chips in {summary['shards']} shards{kept} to {output_dir}; "
             f"rejected {summary['rejected']} ({reasons or 'none'}); {summary['candidates']} candidates in "
             f"{summary.get('seconds', 0):.1f} s ({rate:.1f}/s)")

@@ -39,7 +39,7 @@ class _PixelLimitResizer:
         try:
             img_stream.seek(0)
             width, height = Image.open(img_stream).size  # reads the header only
-        except Exception:  # noqa: BLE001 - let img2dataset's own decoder report bad bytes
+        except Exception:
             width = height = 0
         if width * height > self.max_pixels:
             return None, None, None, None, None, f"{_TOO_LARGE}: {width}x{height} > {self.max_pixels} pixels"
@@ -110,8 +110,9 @@ def harvest_urls(task: dict[str, Any], params: HarvestParams, writer: ShardWrite
             reject_candidate(writer, task, row["key"], row["url"], exc)
             continue
         out = base_row(
-            task, key=row["key"], source_uri=row["url"], scene_id=row["key"].split("-", 1)[1], gsd_m=gsd,
-            gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared, level=level_for_gsd(gsd), pyramid_level=0,
+            task["source"], task["meta"], key=row["key"], source_uri=row["url"],
+            scene_id=row["key"].split("-", 1)[1], gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared,
+            level=level_for_gsd(gsd), pyramid_level=0,
             width=res["width"], height=res["height"], nodata_fraction=0.0, bands=[1, 2, 3],
             image_format=params.image_format, sha256=sha256_hex(image),
             captions=[caption] if caption else [], caption=caption,

@@ -39,6 +39,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, help="local worker processes for FnApiRunner")
     p.add_argument("--metrics", type=Path, default=Path("metrics/harvest.json"),
                    help="where to write the counts for `dvc metrics show` (default: %(default)s)")
+    p.add_argument("--preview", type=Path, default=Path("metrics/harvest_preview.png"),
+                   help="world map + chips per source, for `dvc plots show` (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="plan only: print shard and candidate counts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -60,7 +62,10 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     summary = run_harvest(params, beam_args, progress=not args.no_progress)
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in summary.items() if k != "seconds"}
+    metrics = {k: v for k, v in summary.items() if k not in ("seconds", "shards_resumed")}
     args.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    print(summary_line(summary, params.output_dir))
+    from pipeline.preview import write_preview
+
+    write_preview(params.output_dir, args.preview)
+    print(summary_line(summary, params.output_dir) + f"; preview: {args.preview}")
     return 0

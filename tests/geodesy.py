@@ -47,7 +47,7 @@ def vincenty_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
     return _B * a * (sigma - d_sigma)
 
 
-def pixel_to_lonlat_gdal(transform, crs, cols, rows):  # noqa: ANN001, ANN201 - test helper
+def pixel_to_lonlat_gdal(transform, crs, cols, rows):
     """Pixel points to lon/lat through GDAL/OGR (rasterio.warp.transform), not pyproj."""
     xs = [transform.a * c + transform.b * r + transform.c for c, r in zip(cols, rows, strict=True)]
     ys = [transform.d * c + transform.e * r + transform.f for c, r in zip(cols, rows, strict=True)]
@@ -55,7 +55,7 @@ def pixel_to_lonlat_gdal(transform, crs, cols, rows):  # noqa: ANN001, ANN201 - 
     return np.asarray(lon), np.asarray(lat)
 
 
-def reference_gsd(transform, crs, col: float, row: float, factor: float) -> tuple[float, float]:  # noqa: ANN001
+def reference_gsd(transform, crs, col: float, row: float, factor: float) -> tuple[float, float]:
     """Ground size (x, y) in metres of a `factor`-wide pixel centred at scene pixel (col, row)."""
     h = factor / 2.0
     lon, lat = pixel_to_lonlat_gdal(transform, crs, [col - h, col + h, col, col], [row, row, row - h, row + h])

@@ -13,11 +13,16 @@ Route = tuple[int, bytes, str] | Callable[[bytes], tuple[int, bytes, str]]
 
 
 @contextmanager
-def serve(routes: dict[str, Route]) -> Iterator[str]:
-    """Serve `routes` (path -> (status, body, content type), or a function of the request body)."""
+def serve(routes: dict[str, Route], log: list[tuple[str, str, str | None]] | None = None) -> Iterator[str]:
+    """Serve `routes` (path -> (status, body, content type), or a function of the request body).
+
+    `log`, when given, receives (method, path, Range header) for every request.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def _answer(self, body_in: bytes) -> None:
+            if log is not None:
+                log.append((self.command, self.path, self.headers.get("Range")))
             route = routes.get(self.path.split("?")[0])
             status, body, ctype = (404, b"not found", "text/plain") if route is None else (
                 route(body_in) if callable(route) else route)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import filecmp
 import io
 import json
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import duckdb
 import geopandas
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds

@@ -38,8 +38,30 @@ def test_pyramid_chip_equals_the_mean_of_its_source_pixels(tmp_path: Path) -> No
     with open_scene([(str(path), b) for b in (1, 2, 3)], None) as scene:
         chip, valid, nodata = scene.read_chip(0, 0, 2, 256, 16)
     expected = data.astype(np.float64).reshape(3, 256, 2, 256, 2).mean(axis=(2, 4))
-    np.testing.assert_allclose(chip, expected)
+    np.testing.assert_allclose(chip, expected, atol=0.5)  # integer data: the mean, rounded
     assert valid.all() and nodata == 0.0
+
+
+def test_pyramid_mean_uses_valid_pixels_only(tmp_path: Path) -> None:
+    data = textured(1, 512, 512, "uint16", seed=5) + 2
+    data[0, :1, :] = 1  # nodata row: every chip pixel of the first row averages 1 valid of 2 rows
+    path = write_raster(tmp_path / "s.tif", data, "EPSG:32633", UTM, nodata=1)
+    with open_scene([(str(path), 1)], None) as scene:
+        chip, valid, nodata = scene.read_chip(0, 0, 2, 256, 16)
+    assert nodata == pytest.approx(512 / 512**2)
+    np.testing.assert_allclose(chip[0, 0], data[0, 1, :].reshape(256, 2).mean(axis=1), rtol=1e-5)
+    assert valid.all()
+
+
+def test_large_factors_let_gdal_pre_average_to_the_same_mean(tmp_path: Path) -> None:
+    """Above max_read_factor GDAL averages first (bounded memory); the result is still the block mean."""
+    data = textured(1, 512, 512, "uint16", seed=4)
+    path = write_raster(tmp_path / "s.tif", data, "EPSG:32633", UTM)
+    with open_scene([(str(path), 1)], None) as scene:
+        chip, valid, nodata = scene.read_chip(0, 0, 4, 128, 2)
+    expected = data.astype(np.float64).reshape(1, 128, 4, 128, 4).mean(axis=(2, 4))
+    np.testing.assert_allclose(chip, expected, atol=0.5)  # GDAL rounds its integer means
+    assert valid.all() and nodata == pytest.approx(0.0)
 
 
 def test_window_past_the_edge_is_padded_as_nodata(tmp_path: Path) -> None:
