@@ -216,3 +216,23 @@ def test_killed_harvest_resumes_to_exactly_the_uninterrupted_output(tmp_path: Pa
     run(params)
     assert_identical(tmp_path / "ref" / "harvest", work / "harvest")
     assert not [p for p in (work / "harvest").rglob(".*")]  # no temp leftovers
+
+
+def test_output_does_not_depend_on_the_checkout_folder(tmp_path: Path) -> None:
+    """Two clones in different folders (relative source paths) write byte-identical shards and Parquet."""
+    import shutil
+
+    outs = []
+    for name in ("clone-a", "somewhere/else/clone-b"):
+        root = tmp_path / name
+        shutil.copytree(REPO / "data/sample/geotiff", root / "data/sample/geotiff")
+        entry = {"name": "naip", "kind": "geotiff", "uri": "data/sample/geotiff/naip_*.tif", "license": "x",
+                 "attribution": "y", "bands": [1, 2, 3]}
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            run(harvest_params(root / "run", [entry]))
+        finally:
+            os.chdir(cwd)
+        outs.append(root / "run" / "harvest")
+    assert_identical(*outs)
