@@ -1,6 +1,10 @@
 """The harvest job: plan shard tasks, run them on a Beam runner, prune stale shards, summarise.
 
-    plan (driver, headers only) -> plan/*.jsonl -> Beam: read plan | Reshuffle | HarvestShard
+    plan (driver thread, headers only) -> plan/*.jsonl + _DONE
+    Beam: stream the plan | Reshuffle | HarvestShard
+
+The driver plans while the runner starts its workers (seconds locally, minutes on a cluster): the first
+Beam stage streams the plan files as they appear and ends when the driver marks the plan complete.
 
 The Beam graph is linear on purpose (Beam's DaskRunner computes only the last transform's lineage).
 Each HarvestShard call writes one shard whole and commits it with a fingerprint, so an interrupted
@@ -34,24 +38,24 @@ log = logging.getLogger(__name__)
 TASKS_PER_PLAN_FILE = 100
 
 
+PLAN_DONE, PLAN_FAILED = "_DONE", "_FAILED"
+
+
 @dataclass
 class Plan:
-    """What the driver knows after planning: plan files and each shard's candidate count."""
+    """What the driver knows from planning: plan files and each shard's candidate count (grows while
+    planning runs)."""
 
-    files: list[str]
+    files: list[str] = field(default_factory=list)
     candidates: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        """Candidates over all shards."""
-        return sum(self.candidates.values())
+    total: int = 0  # candidates over all shards planned so far (read by the progress bar meanwhile)
+    complete: bool = False
 
 
-def write_plan(params: HarvestParams, settings: str) -> Plan:
-    """Stream every task into `work_dir/plan/*.jsonl` (never all in memory) and return the index."""
+def write_plan(params: HarvestParams, settings: str, plan: Plan | None = None) -> Plan:
+    """Stream every task into `work_dir/plan/*.jsonl` (never all in memory), then the `_DONE` marker."""
     plan_dir = storage.join(params.work_dir, "plan")
-    storage.remove_tree(plan_dir)
-    plan = Plan(files=[])
+    plan = plan if plan is not None else Plan()
     buffer: list[str] = []
 
     def flush() -> None:
@@ -65,18 +69,65 @@ def write_plan(params: HarvestParams, settings: str) -> Plan:
         if task["shard"] in plan.candidates:
             raise RuntimeError(f"two tasks share the shard name {task['shard']!r}")
         plan.candidates[task["shard"]] = candidate_count(task)
+        plan.total += plan.candidates[task["shard"]]
         buffer.append(json.dumps(task, sort_keys=True, separators=(",", ":")))
         if len(buffer) >= TASKS_PER_PLAN_FILE:
             flush()
     if buffer:
         flush()
+    with fsspec.open(storage.join(plan_dir, PLAN_DONE), "w") as fh:
+        fh.write(f"{len(plan.files)}\n")
+    plan.complete = True
     return plan
+
+
+class Planner(threading.Thread):
+    """Plans in the background; a failure is kept for the driver and announced to the workers."""
+
+    def __init__(self, params: HarvestParams, settings: str) -> None:
+        super().__init__(daemon=True, name="harvest-planner")
+        self.params, self.settings = params, settings
+        self.plan = Plan()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Write the plan, or the `_FAILED` marker with the reason."""
+        try:
+            write_plan(self.params, self.settings, self.plan)
+        except BaseException as exc:  # re-raised by the driver after the join
+            self.error = exc
+            with fsspec.open(storage.join(self.params.work_dir, "plan", PLAN_FAILED), "w") as fh:
+                fh.write(f"{type(exc).__name__}: {exc}\n")
 
 
 def read_plan_file(url: str) -> Iterator[str]:
     """Tasks of one plan file, one JSON line each."""
     text = storage.read_bytes(url).decode("utf-8")
     yield from (line for line in text.splitlines() if line.strip())
+
+
+PLAN_STALL_S = 3600.0  # a plan that gains no file for an hour means the driver is gone
+
+
+def stream_plan(plan_dir: str, poll_s: float = 0.2) -> Iterator[str]:
+    """Every task of the plan, read as the driver writes it, until the `_DONE` marker appears."""
+    seen: set[str] = set()
+    last_new = time.monotonic()
+    while True:
+        names = storage.list_files(plan_dir)
+        if PLAN_FAILED in names:
+            reason = storage.read_bytes(storage.join(plan_dir, PLAN_FAILED)).decode().strip()
+            raise RuntimeError(f"planning failed: {reason}")
+        for name in names:  # sorted; _DONE is written after the last plan file, so none is missed
+            if name.endswith(".jsonl") and name not in seen:
+                seen.add(name)
+                last_new = time.monotonic()
+                yield from read_plan_file(storage.join(plan_dir, name))
+        if PLAN_DONE in names:
+            return
+        if time.monotonic() - last_new > PLAN_STALL_S:
+            raise RuntimeError(f"no new plan file in {plan_dir} for {PLAN_STALL_S:.0f} s: is the driver gone?")
+        time.sleep(poll_s)
 
 
 class HarvestShard(beam.DoFn):
@@ -134,7 +185,7 @@ def _arg_value(args: Sequence[str], name: str) -> str | None:
     return None
 
 
-def pipeline_options(params: HarvestParams, beam_args: Sequence[str], n_tasks: int) -> PipelineOptions:
+def pipeline_options(params: HarvestParams, beam_args: Sequence[str]) -> PipelineOptions:
     """Runner options: params give the runner and worker count; anything on the CLI passes through."""
     args = list(beam_args)
     runner = _arg_value(args, "--runner")
@@ -144,7 +195,7 @@ def pipeline_options(params: HarvestParams, beam_args: Sequence[str], n_tasks: i
     if runner in ("FnApiRunner", "DirectRunner") and _arg_value(args, "--direct_num_workers") is None:
         args += ["--direct_num_workers", str(params.workers)]
     if "DaskRunner" in runner and _arg_value(args, "--dask_npartitions") is None:
-        args += ["--dask_npartitions", str(max(1, min(n_tasks, 256)))]
+        args += ["--dask_npartitions", "64"]  # tasks spread over this many partitions after the shuffle
     if _arg_value(args, "--default_sdk_harness_log_level") is None:
         args += ["--default_sdk_harness_log_level", "WARNING"]
     return PipelineOptions(args)
@@ -170,12 +221,16 @@ class ProgressMonitor(threading.Thread):
         done_shards: set[str] = set()
         while True:
             stopping = self.stop_event.wait(self.interval)
+            if bar.total != self.plan.total:  # planning is still adding shards
+                bar.total = self.plan.total
+                bar.refresh()
             for marker in storage.list_files(self.progress_dir):
                 name = marker.rsplit(".", 1)[0]
                 if name in self.plan.candidates and name not in done_shards:
                     done_shards.add(name)
                     bar.update(self.plan.candidates[name])
-            bar.set_postfix(shards=f"{len(done_shards)}/{len(self.plan.candidates)}")
+            planned = f"{len(self.plan.candidates)}" + ("" if self.plan.complete else "+")
+            bar.set_postfix(shards=f"{len(done_shards)}/{planned}")
             if stopping:
                 break
         bar.close()
@@ -212,13 +267,13 @@ def _local_runner(options: PipelineOptions) -> Any:
     return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
 
 
-def _run_beam(params: HarvestParams, plan: Plan, beam_args: Sequence[str], progress_dir: str) -> None:
-    options = pipeline_options(params, beam_args, len(plan.candidates))
+def _run_beam(params: HarvestParams, beam_args: Sequence[str], progress_dir: str) -> None:
+    options = pipeline_options(params, beam_args)
     pipeline = beam.Pipeline(runner=_local_runner(options), options=options)
     _ = (
         pipeline
-        | "PlanFiles" >> beam.Create(plan.files)
-        | "ReadTasks" >> beam.FlatMap(read_plan_file)
+        | "PlanFolder" >> beam.Create([storage.join(params.work_dir, "plan")])
+        | "StreamTasks" >> beam.FlatMap(stream_plan)
         | "SpreadTasks" >> beam.Reshuffle()
         | "HarvestShards" >> beam.ParDo(HarvestShard(params.model_dump(mode="json"), progress_dir))
     )
@@ -238,21 +293,26 @@ def run_harvest(params: HarvestParams, beam_args: Sequence[str] = (), progress: 
 
     started = time.monotonic()
     settings = settings_fingerprint(params, code_fingerprint())
-    log.info("planning %d source(s)", len(params.source_list))
-    plan = write_plan(params, settings)
-    log.info("planned %d shard(s), %d candidate(s) in %.1f s", len(plan.candidates), plan.total,
-             time.monotonic() - started)
+    storage.remove_tree(storage.join(params.work_dir, "plan"))
     progress_dir = storage.join(params.work_dir, "progress")
     storage.remove_tree(progress_dir)
-    prune_stale(params.output_dir, set(plan.candidates))
-    monitor = ProgressMonitor(progress_dir, plan, progress)
+    log.info("planning %d source(s) while the runner starts", len(params.source_list))
+    planner = Planner(params, settings)
+    planner.start()
+    monitor = ProgressMonitor(progress_dir, planner.plan, progress)
     monitor.start()
     try:
-        if plan.files:
-            _run_beam(params, plan, beam_args, progress_dir)
+        _run_beam(params, beam_args, progress_dir)
+    except Exception:
+        if planner.error is not None:
+            raise planner.error from None  # the real cause, not the workers' "planning failed"
+        raise
     finally:
+        planner.join()
         monitor.stop_event.set()
         monitor.join()
+    plan = planner.plan
+    log.info("%d shard(s), %d candidate(s)", len(plan.candidates), plan.total)
     markers = storage.list_files(progress_dir)
     finished = {m.rsplit(".", 1)[0] for m in markers}
     missing = sorted(s for s in plan.candidates if s not in finished)

@@ -52,6 +52,13 @@ class _SourceBase(_Strict):
         return value
 
 
+def _grey_or_rgb(value: list[Any] | None, what: str, single: str) -> list[Any] | None:
+    """Bands and assets map to grey or one multi-band asset (one entry) or to R, G, B (three)."""
+    if value is not None and len(value) not in (1, 3):
+        raise ValueError(f"give 1 {what} ({single}) or 3 {what}s (R, G, B), not {len(value)}")
+    return value
+
+
 class _RasterOptions(_Strict):
     bands: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, description="1-based bands for R,G,B (3 values) or grey (1 value); default: the bands "
@@ -65,9 +72,7 @@ class _RasterOptions(_Strict):
     @field_validator("bands")
     @classmethod
     def _band_count(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(value) not in (1, 3):
-            raise ValueError(f"give 1 band (grey) or 3 bands (R, G, B), not {len(value)}")
-        return value
+        return _grey_or_rgb(value, "band", "grey")
 
 
 class GeoTiffSource(_SourceBase, _RasterOptions):
@@ -93,9 +98,7 @@ class StacSource(_SourceBase, _RasterOptions):
     @field_validator("assets")
     @classmethod
     def _asset_count(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and len(value) not in (1, 3):
-            raise ValueError(f"give 1 asset (multi-band or grey) or 3 assets (R, G, B), not {len(value)}")
-        return value
+        return _grey_or_rgb(value, "asset", "multi-band or grey")
 
     @property
     def is_api_search(self) -> bool:
@@ -145,7 +148,7 @@ class HarvestParams(_Strict):
     stretch_percentiles: tuple[float, float] = (2.0, 98.0)
     stretch_per_band: bool = Field(False, description="False keeps colour balance (one range for all bands).")
     stretch_sample_size: int = Field(512, ge=64, description="Longest side of the decimated stats read.")
-    samples_per_shard: int = Field(256, ge=1, description="Candidates per shard task: small enough "
+    samples_per_shard: int = Field(128, ge=1, description="Candidates per shard task: small enough "
                                    "to balance workers, large enough that per-shard costs vanish.")
     max_image_pixels: int = Field(100_000_000, ge=1, description="Limit for images decoded whole.")
     max_scene_pixels: int = Field(10_000_000_000, ge=1, description="Limit for rasters read by windows.")

@@ -6,7 +6,6 @@ data never raises out of here.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -28,8 +27,6 @@ from pipeline.geometry import chip_geometry, corners_on_earth, level_for_gsd, pi
 from pipeline.params import HarvestParams
 from pipeline.raster import Scene, Stretch, classify_error, gdal_env, open_scene
 from pipeline.shard_writer import ShardWriter
-
-log = logging.getLogger(__name__)
 
 _STRETCH_CACHE: OrderedDict[str, Stretch] = OrderedDict()  # per worker process: scenes split in parts
 

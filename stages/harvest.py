@@ -48,6 +48,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     """Run the stage."""
+    from pipeline import storage
     from pipeline.harvest import run_harvest, write_plan
     from pipeline.plan import code_fingerprint, settings_fingerprint
     from pipeline.summary import summary_line
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
                  "workers": args.workers}
     params = load_harvest_params(args.params, overrides)
     if args.dry_run:
+        storage.remove_tree(storage.join(params.work_dir, "plan"))
         plan = write_plan(params, settings_fingerprint(params, code_fingerprint()))
         print(f"harvest (dry run): {len(plan.candidates)} shards, {plan.total} candidates; plan in "
               f"{params.work_dir}/plan")

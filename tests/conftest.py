@@ -42,6 +42,16 @@ def run(params: Any, beam_args: tuple[str, ...] = ()) -> dict[str, Any]:
     return run_harvest(params, beam_args, progress=False)
 
 
+def read_rows(harvest_dir: Path, table: str = "metadata") -> list[dict[str, Any]]:
+    """Every row of a harvest's `metadata` (or `rejected`) Parquet files, shard by shard."""
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for f in sorted((harvest_dir / table).glob("*.parquet")):
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
 def write_raster(path: Path, data: np.ndarray, crs: Any, transform: Affine, nodata: float | None = None,
                  **profile: Any) -> Path:
     """Write a GeoTIFF from a (bands, rows, cols) array."""

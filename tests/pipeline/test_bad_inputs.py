@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import rasterio
 from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.transform import from_origin
 
-from tests.conftest import REPO, harvest_params, run, textured, write_raster
+from tests.conftest import REPO, harvest_params, read_rows, run, textured, write_raster
 
 NAIP = REPO / "data/sample/geotiff/naip_northdakota_nad83utm14n_rgbn_5m.tif"
 
@@ -72,13 +71,8 @@ def bad_harvest(tmp_path_factory: pytest.TempPathFactory) -> dict:
     params = harvest_params(tmp, sources, chip_size=128, max_image_pixels=1_000_000, http_timeout_s=2,
                             http_retries=0)
     summary = run(params)
-    rejected = []
-    for f in sorted((tmp / "harvest" / "rejected").glob("*.parquet")):
-        rejected += pq.read_table(f).to_pylist()
-    kept = []
-    for f in sorted((tmp / "harvest" / "metadata").glob("*.parquet")):
-        kept += pq.read_table(f).to_pylist()
-    return {"summary": summary, "rejected": rejected, "kept": kept}
+    return {"summary": summary, "rejected": read_rows(tmp / "harvest", "rejected"),
+            "kept": read_rows(tmp / "harvest")}
 
 
 def _reasons(result: dict, source: str) -> set[str]:

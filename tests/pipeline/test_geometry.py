@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
@@ -16,15 +15,12 @@ from shapely.geometry import Point, Polygon
 
 from pipeline.errors import SampleRejected
 from pipeline.geometry import chip_geometry, crs_label, footprint, level_for_gsd
-from tests.conftest import REPO, harvest_params, run, textured, write_raster
+from tests.conftest import REPO, harvest_params, read_rows, run, textured, write_raster
 from tests.geodesy import pixel_to_lonlat_gdal, reference_gsd, vincenty_m
 
 
 def _chips(harvest_dir: Path) -> list[dict]:
-    rows: list[dict] = []
-    for f in sorted((harvest_dir / "metadata").glob("*.parquet")):
-        rows += pq.read_table(f).to_pylist()
-    return [r for r in rows if r["crs"] is not None]
+    return [r for r in read_rows(harvest_dir) if r["crs"] is not None]
 
 
 def _scene_polygon(path: Path) -> Polygon:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.chips import sha256_hex
 from pipeline.schema import HARVEST_SCHEMA, REJECTED_SCHEMA
-from tests.conftest import REPO, harvest_params, run
+from tests.conftest import REPO, harvest_params, read_rows, run
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -37,10 +37,7 @@ def assert_identical(a: Path, b: Path) -> None:
 
 
 def _metadata(harvest: Path) -> list[dict]:
-    rows: list[dict] = []
-    for f in sorted((harvest / "metadata").glob("*.parquet")):
-        rows += pq.read_table(f).to_pylist()
-    return rows
+    return read_rows(harvest)
 
 
 def test_outputs_have_the_documented_layout_and_schema(sample_harvest: Path) -> None:
@@ -77,9 +74,7 @@ def test_geoparquet_reads_with_geopandas_and_duckdb(sample_harvest: Path) -> Non
 def test_every_candidate_is_kept_or_rejected_once(sample_harvest: Path) -> None:
     summary = yaml.safe_load((sample_harvest.parent / "summary.yaml").read_text())
     kept = [r["key"] for r in _metadata(sample_harvest)]
-    rejected = []
-    for f in (sample_harvest / "rejected").glob("*.parquet"):
-        rejected += pq.read_table(f).to_pylist()
+    rejected = read_rows(sample_harvest, "rejected")
     assert len(kept) + len(rejected) == summary["candidates"]
     assert not set(kept) & {r["key"] for r in rejected}
     assert all(r["reason"] and r["stage"] == "harvest" for r in rejected)

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from tests.conftest import REPO, harvest_params, run
+from tests.conftest import REPO, harvest_params, read_rows, run
 from tests.http_server import serve
 
 KOREA = REPO / "data/sample/geotiff/aerial_korea_webmercator_rgb_0p6m.tif"
-
-
-def _rows(out: Path) -> list[dict]:
-    rows: list[dict] = []
-    for f in sorted((out / "metadata").glob("*.parquet")):
-        rows += pq.read_table(f).to_pylist()
-    return rows
 
 
 def test_http_cog_gives_the_same_chips_as_the_local_file(tmp_path: Path) -> None:
@@ -27,7 +18,7 @@ def test_http_cog_gives_the_same_chips_as_the_local_file(tmp_path: Path) -> None
     run(harvest_params(tmp_path / "local", [{**entry, "name": "local", "uri": str(KOREA)}]))
     with serve({"/cogeo.tif": (200, body, "image/tiff")}, requests) as base:
         run(harvest_params(tmp_path / "remote", [{**entry, "name": "remote", "uri": f"{base}/cogeo.tif"}]))
-    local, remote = _rows(tmp_path / "local" / "harvest"), _rows(tmp_path / "remote" / "harvest")
+    local, remote = read_rows(tmp_path / "local" / "harvest"), read_rows(tmp_path / "remote" / "harvest")
     assert len(local) == len(remote) == 21
     for a, b in zip(local, remote, strict=True):
         assert a["sha256"] == b["sha256"] and a["gsd_m"] == b["gsd_m"] and a["geometry"] == b["geometry"]

@@ -6,13 +6,12 @@ import datetime as dt
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pystac
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
 
-from tests.conftest import REPO, harvest_params, run
+from tests.conftest import REPO, harvest_params, read_rows, run
 from tests.http_server import json_route, serve
 
 GEOTIFF = REPO / "data/sample/geotiff"
@@ -32,13 +31,6 @@ def _item(item_id: str, path: Path, assets: dict[str, Path], **props: object) ->
     return item
 
 
-def _rows(out: Path) -> list[dict]:
-    rows: list[dict] = []
-    for f in sorted((out / "metadata").glob("*.parquet")):
-        rows += pq.read_table(f).to_pylist()
-    return rows
-
-
 @pytest.fixture()
 def catalog(tmp_path: Path) -> Path:
     col = pystac.Collection("demo", "sample scenes", pystac.Extent(
@@ -55,7 +47,7 @@ def catalog(tmp_path: Path) -> Path:
 def test_static_catalog_metadata_goes_into_every_chip(tmp_path: Path, catalog: Path) -> None:
     entry = {"name": "demo", "kind": "stac", "uri": str(catalog), "license": "test", "attribution": "test"}
     run(harvest_params(tmp_path, [entry]))
-    korea = [r for r in _rows(tmp_path / "harvest") if "korea" in r["key"]]
+    korea = [r for r in read_rows(tmp_path / "harvest") if "korea" in r["key"]]
     assert korea
     for r in korea:
         assert r["platform"] == "aircraft" and r["sensor"] == "rgb-camera"
@@ -69,7 +61,7 @@ def test_three_assets_stack_into_rgb(tmp_path: Path, catalog: Path) -> None:
     entry = {"name": "demo", "kind": "stac", "uri": str(catalog), "license": "test", "attribution": "test",
              "assets": ["a", "b", "a"]}
     summary = run(harvest_params(tmp_path, [entry]))
-    rows = [r for r in _rows(tmp_path / "harvest") if "s2" in r["key"]]
+    rows = [r for r in read_rows(tmp_path / "harvest") if "s2" in r["key"]]
     assert rows and all(r["platform"] == "sentinel-2b" and r["bands"] == [1, 1, 1] for r in rows)
     # the Korea item has no assets a/b: recorded, not dropped silently
     assert summary["by_reason"].get("bad_bands") == 1
@@ -103,6 +95,6 @@ def test_api_search_with_pystac_client(tmp_path: Path, catalog: Path) -> None:
                      "collections": ["demo"], "max_items": 10, "assets": ["a"]}
             summary = run(harvest_params(tmp_path, [entry]))
     assert seen and seen[0]["collections"] == ["demo"]
-    rows = _rows(tmp_path / "harvest")
+    rows = read_rows(tmp_path / "harvest")
     assert rows and {r["platform"] for r in rows} == {"sentinel-2b"}
     assert summary["by_reason"].get("bad_bands") == 1  # the item without asset `a`
