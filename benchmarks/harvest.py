@@ -142,7 +142,8 @@ class PeakRss(threading.Thread):
 
 def beam_run(params_path: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "stages.cli", "harvest", "--params", str(params_path), "--no-progress",
-           "--metrics", str(params_path.with_suffix(".metrics.json"))]
+           "--metrics", str(params_path.with_suffix(".metrics.json")),
+           "--preview", str(params_path.with_suffix(".preview.png"))]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     monitor = PeakRss(proc.pid)

@@ -321,6 +321,7 @@ def run_harvest(params: HarvestParams, beam_args: Sequence[str] = (), progress: 
     prune_stale(params.output_dir, set(plan.candidates))
     summary = summarize(params.output_dir, plan.total)
     summary["seconds"] = round(time.monotonic() - started, 2)
+    summary["shard_tasks"] = len(plan.candidates)
     summary["shards_resumed"] = sum(1 for m in markers if m.endswith(".skipped"))
     return summary
 

@@ -54,7 +54,7 @@ def summary_line(summary: dict[str, Any], output_dir: str) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_reason"].items(), key=lambda kv: -kv[1]))
     rate = summary["candidates"] / summary["seconds"] if summary.get("seconds") else 0.0
     resumed = summary.get("shards_resumed", 0)
-    kept = f" ({resumed} already done, kept)" if resumed else ""
-    return (f"harvest: wrote {summary['written']} chips in {summary['shards']} shards{kept} to {output_dir}; "
+    kept = f"; {resumed} of {summary.get('shard_tasks', '?')} shard tasks were already done (kept)" if resumed else ""
+    return (f"harvest: {summary['written']} chips in {summary['shards']} shards in {output_dir}; "
             f"rejected {summary['rejected']} ({reasons or 'none'}); {summary['candidates']} candidates in "
-            f"{summary.get('seconds', 0):.1f} s ({rate:.1f}/s)")
+            f"{summary.get('seconds', 0):.1f} s ({rate:.1f}/s){kept}")

@@ -173,7 +173,8 @@ def test_dask_cluster_gives_identical_output(sample_harvest: Path, tmp_path: Pat
 
 def _start(params_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stages.cli", "harvest", "--params", str(params_path),
-                             "--no-progress", "--metrics", str(params_path.parent / "m.json")],
+                             "--no-progress", "--metrics", str(params_path.parent / "m.json"),
+                             "--preview", str(params_path.parent / "preview.png")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
