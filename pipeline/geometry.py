@@ -270,16 +270,22 @@ def native_gsd_at(scene_transform: Affine, crs_text: str, col: float, row: float
     return math.sqrt(dx * dy)
 
 
+def _gsd_or_none(scene_transform: Affine, crs_text: str, col: float, row: float) -> float | None:
+    try:
+        gsd = native_gsd_at(scene_transform, crs_text, col, row)
+    except SampleRejected:
+        return None
+    return gsd if math.isfinite(gsd) and gsd > 0 else None
+
+
 def first_valid_gsd(scene_transform: Affine, crs_text: str, width: int, height: int) -> float:
     """Native GSD at the scene centre, or at the nearest valid point of a coarse grid (full-disk scenes)."""
-    candidates = [(width / 2.0, height / 2.0)]
-    candidates += [(width * (i + 0.5) / 8, height * (j + 0.5) / 8) for j in range(8) for i in range(8)]
-    candidates.sort(key=lambda p: (p[0] - width / 2.0) ** 2 + (p[1] - height / 2.0) ** 2)
-    for col, row in candidates:
-        try:
-            gsd = native_gsd_at(scene_transform, crs_text, col, row)
-        except SampleRejected:
-            continue
-        if math.isfinite(gsd) and gsd > 0:
+    centre = _gsd_or_none(scene_transform, crs_text, width / 2.0, height / 2.0)
+    if centre is not None:
+        return centre
+    grid = [(width * (i + 0.5) / 8, height * (j + 0.5) / 8) for j in range(8) for i in range(8)]
+    for col, row in sorted(grid, key=lambda p: (p[0] - width / 2.0) ** 2 + (p[1] - height / 2.0) ** 2):
+        gsd = _gsd_or_none(scene_transform, crs_text, col, row)
+        if gsd is not None:
             return gsd
     raise SampleRejected("off_earth", "no pixel of the scene transforms to lon/lat")

@@ -64,25 +64,15 @@ def settings_fingerprint(params: HarvestParams, code: str) -> str:
     return hashlib.sha256((json.dumps(kept, sort_keys=True) + code).encode()).hexdigest()
 
 
-def _portable(value: Any, base: str) -> Any:
-    """The value with local paths under `base` made relative (tasks carry absolute paths for workers)."""
-    if isinstance(value, str):
-        return value[len(base):] if value.startswith(base) else value
-    if isinstance(value, list):
-        return [_portable(v, base) for v in value]
-    if isinstance(value, dict):
-        return {k: _portable(v, base) for k, v in value.items()}
-    return value
-
-
 def task_fingerprint(task: dict[str, Any], settings: str) -> str:
     """Identity of a shard's content: its task record plus the settings.
 
-    Paths under the working directory count relative to it, so a clone in another folder writes the same
-    bytes (the fingerprint is stored in the metadata Parquet).
+    Paths under the working directory count relative to it (tasks carry absolute paths for the workers),
+    so a clone in another folder writes the same bytes: the fingerprint is stored in the metadata Parquet.
     """
-    portable = _portable({k: v for k, v in task.items() if k != "fingerprint"}, os.getcwd() + os.sep)
-    body = json.dumps(portable, sort_keys=True)
+    body = json.dumps({k: v for k, v in task.items() if k != "fingerprint"}, sort_keys=True)
+    base = json.dumps(os.getcwd() + os.sep)[:-1]  # '"/abs/cwd/' as it appears at the start of a JSON string
+    body = body.replace(base, '"')
     return hashlib.sha256((body + settings).encode()).hexdigest()[:32]
 
 
