@@ -102,23 +102,20 @@ def pixels_to_lonlat(transform: Affine, crs_text: str, cols: np.ndarray, rows: n
     return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
 
 
-def _valid_points(transform: Affine, crs_text: str, cols: np.ndarray, rows: np.ndarray,
-                  lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-    """True where a pixel point lies on the Earth and inside the CRS's valid area."""
+def _valid_points(xs: np.ndarray, ys: np.ndarray, lon: np.ndarray, lat: np.ndarray, crs_text: str,
+                  tolerance: np.ndarray | float) -> np.ndarray:
+    """True where a CRS point (xs, ys -> lon, lat) lies on the Earth and inside the CRS's valid area."""
     ok = np.isfinite(lon) & np.isfinite(lat) & (np.abs(lat) <= 90.0)
     limits = _global_lat_limits(crs_text)
     if limits is not None:
         ok &= (lat >= limits[0] - 1e-9) & (lat <= limits[1] + 1e-9)
     # Round trip: where the inverse projection is not the inverse of the forward one (beyond a
     # projection's domain) the point is not meaningful even if finite.
-    xs = transform.a * cols + transform.b * rows + transform.c
-    ys = transform.d * cols + transform.e * rows + transform.f
     with np.errstate(invalid="ignore"):
         bx, by = _from_lonlat(crs_text).transform(np.where(ok, lon, 0.0), np.where(ok, lat, 0.0),
                                                   errcheck=False)
-        pixel = math.sqrt(abs(transform.determinant)) or 1.0
         err = np.hypot(np.asarray(bx) - xs, np.asarray(by) - ys)
-        ok &= np.isfinite(err) & (err <= 1e-3 * pixel)
+        ok &= np.isfinite(err) & (err <= tolerance)
     return ok
 
 
@@ -221,47 +218,63 @@ def _chip_points(size: int, factor: int) -> tuple[np.ndarray, np.ndarray, int]:
     return cols, rows, len(bc)
 
 
-def corners_on_earth(scene_transform: Affine, crs_text: str, col_off: int, row_off: int, factor: int,
-                     size: int) -> None:
-    """Cheap first check (corners and centre) so chips off a geostationary disk are never read.
+def chip_geometries(scene_transform: Affine, crs_text: str, windows: list[tuple[int, int, int]], size: int,
+                    scene_width: int, scene_height: int) -> list[ChipGeometry | SampleRejected]:
+    """Centre, GSD (chip and native) and footprint of every chip window (col_off, row_off, factor) of a
+    scene, from one forward and one inverse coordinate transform for all of them.
 
-    `chip_geometry` later checks the whole outline, a grid and the round trip for chips that are kept.
+    A chip with any sampled point off the Earth or outside the CRS's valid area gets a
+    SampleRejected('off_earth') instead. The footprint is the ground the chip's scene pixels cover: a chip
+    padded past the scene edge (scenes smaller than one window) has a footprint clipped to the scene.
     """
-    tr = window_transform(scene_transform, col_off, row_off, factor)
-    pts = np.array([0.0, float(size), float(size) / 2.0])
-    cols, rows = np.array([pts[0], pts[1], pts[1], pts[0], pts[2]]), np.array([pts[0], pts[0], pts[1], pts[1], pts[2]])
-    lon, lat = pixels_to_lonlat(tr, crs_text, cols, rows)
-    if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat)) and np.all(np.abs(lat) <= 90.0)):
-        raise SampleRejected("off_earth", "a chip corner is off the Earth")
+    a, b, c, d, e, f = scene_transform[:6]
+    source_pixel = math.sqrt(abs(scene_transform.determinant)) or 1.0
+    results: list[ChipGeometry | SampleRejected] = [SampleRejected("off_earth")] * len(windows)
+    by_factor: dict[int, list[int]] = {}
+    for i, (_, _, factor) in enumerate(windows):
+        by_factor.setdefault(factor, []).append(i)
+    for factor, idx in by_factor.items():
+        cols, rows, n_outline = _chip_points(size, factor)
+        col_off = np.array([windows[i][0] for i in idx], dtype=np.float64)[:, None]
+        row_off = np.array([windows[i][1] for i in idx], dtype=np.float64)[:, None]
+        sc, sr = col_off + factor * cols[None, :], row_off + factor * rows[None, :]  # scene pixel coords
+        xs, ys = a * sc + b * sr + c, d * sc + e * sr + f
+        lon, lat = (np.asarray(v).reshape(xs.shape)
+                    for v in _to_lonlat(crs_text).transform(xs.ravel(), ys.ravel(), errcheck=False))
+        ok = _valid_points(xs, ys, lon, lat, crs_text, 1e-3 * source_pixel * factor)
+        p = cols.size - 9  # the centre, then the x, y, native x, native y pairs of GSD points
+        good = np.flatnonzero(ok.all(axis=1))
+        _, _, dist = GEOD.inv(lon[good, p + 1:p + 9:2].ravel(), lat[good, p + 1:p + 9:2].ravel(),
+                              lon[good, p + 2:p + 9:2].ravel(), lat[good, p + 2:p + 9:2].ravel())
+        dist = np.asarray(dist).reshape(len(good), 4)
+        for j, i in enumerate(idx):
+            if not ok[j].all():
+                bad = int((~ok[j]).sum())
+                results[i] = SampleRejected("off_earth", f"{bad} of {ok.shape[1]} sampled chip points are off "
+                                            "the Earth or outside the CRS's valid area")
+        for k, row in enumerate(good.tolist()):
+            i, j = idx[row], row
+            inside_w = min(float(size), (scene_width - windows[i][0]) / factor)
+            inside_h = min(float(size), (scene_height - windows[i][1]) / factor)
+            if inside_w == size and inside_h == size:
+                outline = _ring_to_polygon(lon[j, :n_outline], lat[j, :n_outline])
+            else:
+                tr = window_transform(scene_transform, windows[i][0], windows[i][1], factor)
+                outline = footprint(tr, crs_text, inside_w, inside_h)
+            gx, gy, nx, ny = (float(v) for v in dist[k])
+            results[i] = ChipGeometry(lon=float((lon[j, p] + 180.0) % 360.0 - 180.0), lat=float(lat[j, p]),
+                                      gsd_x_m=gx, gsd_y_m=gy, native_gsd_m=math.sqrt(nx * ny), footprint=outline)
+    return results
 
 
 def chip_geometry(scene_transform: Affine, crs_text: str, col_off: int, row_off: int, factor: int,
                   size: int, scene_width: int, scene_height: int) -> ChipGeometry:
-    """Centre, GSD (chip and native) and footprint of one chip, from one coordinate transform.
-
-    Raises SampleRejected('off_earth') if any sampled point of the chip is off the Earth or outside the
-    CRS's valid area. The footprint is the ground the chip's scene pixels cover: a chip padded past the
-    scene edge (scenes smaller than one window) has a footprint clipped to the scene.
-    """
-    tr = window_transform(scene_transform, col_off, row_off, factor)
-    cols, rows, n_outline = _chip_points(size, factor)
-    lon, lat = pixels_to_lonlat(tr, crs_text, cols, rows)
-    ok = _valid_points(tr, crs_text, cols, rows, lon, lat)
-    if not ok.all():
-        bad = int((~ok).sum())
-        raise SampleRejected("off_earth", f"{bad} of {ok.size} sampled chip points are off the Earth or "
-                             "outside the CRS's valid area")
-    p = len(cols) - 9  # the centre, then the x, y, native x, native y pairs of GSD points
-    _, _, dist = GEOD.inv(lon[p + 1:p + 9:2], lat[p + 1:p + 9:2], lon[p + 2:p + 9:2], lat[p + 2:p + 9:2])
-    gx, gy, nx, ny = (float(d) for d in dist)
-    inside_w = min(float(size), (scene_width - col_off) / factor)
-    inside_h = min(float(size), (scene_height - row_off) / factor)
-    if inside_w == size and inside_h == size:
-        outline = _ring_to_polygon(lon[:n_outline], lat[:n_outline])
-    else:
-        outline = footprint(tr, crs_text, inside_w, inside_h)
-    return ChipGeometry(lon=float((lon[p] + 180.0) % 360.0 - 180.0), lat=float(lat[p]), gsd_x_m=gx, gsd_y_m=gy,
-                        native_gsd_m=math.sqrt(nx * ny), footprint=outline)
+    """`chip_geometries` for one chip; raises SampleRejected('off_earth') where that gives one."""
+    result = chip_geometries(scene_transform, crs_text, [(col_off, row_off, factor)], size, scene_width,
+                             scene_height)[0]
+    if isinstance(result, SampleRejected):
+        raise result
+    return result
 
 
 def native_gsd_at(scene_transform: Affine, crs_text: str, col: float, row: float) -> float:

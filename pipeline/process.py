@@ -23,7 +23,7 @@ from pipeline.chips import (
     sha256_hex,
 )
 from pipeline.errors import SampleRejected
-from pipeline.geometry import chip_geometry, corners_on_earth, level_for_gsd, pixels_to_lonlat
+from pipeline.geometry import ChipGeometry, chip_geometries, level_for_gsd
 from pipeline.params import HarvestParams
 from pipeline.raster import Scene, Stretch, classify_error, gdal_env, open_scene
 from pipeline.shard_writer import ShardWriter
@@ -59,13 +59,11 @@ def _scene_stretch(scene: Scene, spec: dict[str, Any], params: HarvestParams) ->
     return _STRETCH_CACHE[cache_key]
 
 
-def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: list[int],
-                 params: HarvestParams) -> tuple[dict[str, Any], bytes, Any]:
+def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: list[int], geo: ChipGeometry,
+                 params: HarvestParams) -> tuple[dict[str, Any], bytes]:
     k, _, _, col_off, row_off = chip
     factor, size = 2**k, params.chip_size
     side = size * factor
-    transform = Affine(*spec["transform"])
-    corners_on_earth(transform, spec["crs"], col_off, row_off, factor, size)  # before reading anything
     try:
         values, valid, nodata_fraction = scene.read_chip(col_off, row_off, factor, size,
                                                          params.max_read_factor)
@@ -77,7 +75,6 @@ def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: lis
     if rgb.shape[0] == 1:
         rgb = np.repeat(rgb, 3, axis=0)
     check_quality(rgb, nodata_fraction, params.max_nodata_fraction, params.min_value_range, valid)
-    geo = chip_geometry(transform, spec["crs"], col_off, row_off, factor, size, spec["width"], spec["height"])
     image = encode_image(rgb, params.image_format, params.jpeg_quality)
     fields = {
         "crs": spec["crs"], "gsd_x_m": geo.gsd_x_m, "gsd_y_m": geo.gsd_y_m, "gsd_m": geo.gsd_m,
@@ -89,16 +86,7 @@ def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: lis
         "stretch_high": list(stretch.high) if stretch.high else None,
         "stretch_percentiles": list(stretch.percentiles) if stretch.percentiles else None,
     }
-    return fields, image, geo.footprint
-
-
-def _centre_lonlat(spec: dict[str, Any], chip: list[int], size: int) -> dict[str, Any]:
-    k, _, _, col_off, row_off = chip
-    half = size * 2**k / 2.0
-    lon, lat = pixels_to_lonlat(Affine(*spec["transform"]), spec["crs"],
-                                np.array([col_off + half]), np.array([row_off + half]))
-    ok = bool(np.isfinite(lon[0]) and np.isfinite(lat[0]) and abs(lat[0]) <= 90)
-    return {"lon": float((lon[0] + 180) % 360 - 180) if ok else None, "lat": float(lat[0]) if ok else None}
+    return fields, image
 
 
 def harvest_raster(task: dict[str, Any], params: HarvestParams, writer: ShardWriter) -> None:
@@ -116,18 +104,24 @@ def _harvest_scene_part(task: dict[str, Any], part: dict[str, Any], params: Harv
             if (scene.width, scene.height) != (spec["width"], spec["height"]):
                 raise SampleRejected("unreadable", "the file changed since planning; re-run the harvest")
             stretch = _scene_stretch(scene, spec, params)
-            for chip in chips:
+            # all chips' geometry in one go: off-Earth chips are rejected before any pixel is read
+            windows = [(col_off, row_off, 2**k) for k, _, _, col_off, row_off in chips]
+            geometries = chip_geometries(Affine(*spec["transform"]), spec["crs"], windows, params.chip_size,
+                                         spec["width"], spec["height"])
+            for chip, geo in zip(chips, geometries, strict=True):
                 key = chip_key(task["source"], spec["scene_id"], *chip[:3])
                 try:
-                    fields, image, footprint = _raster_chip(scene, stretch, spec, chip, params)
+                    if isinstance(geo, SampleRejected):
+                        raise geo
+                    fields, image = _raster_chip(scene, stretch, spec, chip, geo, params)
                 except SampleRejected as exc:
-                    extra = {} if exc.reason == "off_earth" else _centre_lonlat(spec, chip, params.chip_size)
-                    reject_candidate(writer, task, key, spec["uri"], exc, pyramid_level=chip[0], **extra)
+                    where = {} if isinstance(geo, SampleRejected) else {"lon": geo.lon, "lat": geo.lat}
+                    reject_candidate(writer, task, key, spec["uri"], exc, pyramid_level=chip[0], **where)
                 else:
                     row = base_row(task["source"], meta, key=key, source_uri=spec["uri"],
                                    scene_id=spec["scene_id"], image_format=params.image_format,
                                    sha256=sha256_hex(image), **fields)
-                    writer.add(row, image, footprint)
+                    writer.add(row, image, geo.footprint)
                 done += 1
     except (SampleRejected, RasterioError) as exc:
         failure = exc if isinstance(exc, SampleRejected) else SampleRejected(classify_error(exc), str(exc))

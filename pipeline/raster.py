@@ -13,7 +13,7 @@ import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -133,6 +133,7 @@ class Stretch:
     low: tuple[float, ...] | None
     high: tuple[float, ...] | None
     percentiles: tuple[float, float] | None
+    _luts: dict[str, list[np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     def to_uint8(self, values: np.ndarray) -> np.ndarray:
         """Scale (C, H, W) values to uint8 with rounding and clipping."""
@@ -140,10 +141,30 @@ class Stretch:
             if values.dtype == np.uint8:
                 return values
             return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        low = np.asarray(self.low, dtype=np.float32)[:, None, None]
-        span = np.asarray(self.high, dtype=np.float32)[:, None, None] - low
-        scaled = (values.astype(np.float32) - low) * (255.0 / np.where(span > 0, span, 1.0))
+        if values.dtype in (np.uint8, np.uint16):  # one table lookup per pixel instead of float maths
+            luts = self._tables(values.dtype)
+            if len(luts) == 1 or all(lut is luts[0] for lut in luts):
+                return luts[0][values]
+            return np.stack([lut[plane] for lut, plane in zip(luts, values, strict=True)])
+        return self._scale(values.astype(np.float64))
+
+    def _scale(self, values: np.ndarray) -> np.ndarray:
+        assert self.low is not None and self.high is not None
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        low = np.asarray(self.low, dtype=np.float64).reshape(shape)
+        span = np.asarray(self.high, dtype=np.float64).reshape(shape) - low
+        scaled = (values - low) * (255.0 / np.where(span > 0, span, 1.0))
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+    def _tables(self, dtype: np.dtype) -> list[np.ndarray]:
+        """Per channel, the uint8 value of every possible integer input (cached per dtype)."""
+        key = np.dtype(dtype).str
+        if key not in self._luts:
+            levels = np.arange(np.iinfo(dtype).max + 1, dtype=np.float64)
+            table = self._scale(np.broadcast_to(levels, (len(self.low or ()), levels.size)))
+            first = table[0]
+            self._luts[key] = [first if np.array_equal(row, first) else row for row in table]
+        return self._luts[key]
 
 
 class Scene:
