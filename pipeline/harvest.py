@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,11 +26,11 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline import storage
 from pipeline.params import HarvestParams
 from pipeline.plan import candidate_count, code_fingerprint, plan_sources, settings_fingerprint
+from pipeline.runner import ProgressMonitor, new_pipeline, run_pipeline
 from pipeline.shard_writer import ShardWriter, committed_fingerprint
 
 log = logging.getLogger(__name__)
@@ -176,66 +175,6 @@ class HarvestShard(beam.DoFn):
         yield {k: result[k] for k in ("shard", "written", "rejected") if k in result}
 
 
-def _arg_value(args: Sequence[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def pipeline_options(params: HarvestParams, beam_args: Sequence[str]) -> PipelineOptions:
-    """Runner options: params give the runner and worker count; anything on the CLI passes through."""
-    args = list(beam_args)
-    runner = _arg_value(args, "--runner")
-    if runner is None:
-        runner = params.runner
-        args += ["--runner", runner]
-    if runner in ("FnApiRunner", "DirectRunner") and _arg_value(args, "--direct_num_workers") is None:
-        args += ["--direct_num_workers", str(params.workers)]
-    if "DaskRunner" in runner and _arg_value(args, "--dask_npartitions") is None:
-        args += ["--dask_npartitions", "64"]  # tasks spread over this many partitions after the shuffle
-    if _arg_value(args, "--default_sdk_harness_log_level") is None:
-        args += ["--default_sdk_harness_log_level", "WARNING"]
-    return PipelineOptions(args)
-
-
-class ProgressMonitor(threading.Thread):
-    """Counts progress markers and shows chips done, rate and ETA (a bar on a terminal)."""
-
-    def __init__(self, progress_dir: str, plan: Plan, enabled: bool) -> None:
-        super().__init__(daemon=True)
-        self.progress_dir, self.plan, self.enabled = progress_dir, plan, enabled
-        self.stop_event = threading.Event()
-        self.interval = 0.5 if storage.is_local(progress_dir) else 5.0
-
-    def run(self) -> None:
-        """Poll until stopped."""
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.plan.total, unit="chip", desc="harvest", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0, disable=None if sys.stderr.isatty() else False)
-        done_shards: set[str] = set()
-        while True:
-            stopping = self.stop_event.wait(self.interval)
-            if bar.total != self.plan.total:  # planning is still adding shards
-                bar.total = self.plan.total
-                bar.refresh()
-            for marker in storage.list_files(self.progress_dir):
-                name = marker.rsplit(".", 1)[0]
-                if name in self.plan.candidates and name not in done_shards:
-                    done_shards.add(name)
-                    bar.update(self.plan.candidates[name])
-            planned = f"{len(self.plan.candidates)}" + ("" if self.plan.complete else "+")
-            bar.set_postfix(shards=f"{len(done_shards)}/{planned}")
-            if stopping:
-                break
-        bar.close()
-
-
 def prune_stale(output_dir: str, shards: set[str]) -> int:
     """Delete shard files no task of this run owns (old params, removed scenes) and temp leftovers."""
     removed = 0
@@ -249,27 +188,8 @@ def prune_stale(output_dir: str, shards: set[str]) -> int:
     return removed
 
 
-def _local_runner(options: PipelineOptions) -> Any:
-    """FnApiRunner with our quiet worker processes when several local workers are asked for."""
-    direct = options.view_as(DirectOptions)
-    runner = options.view_as(StandardOptions).runner
-    if runner not in ("FnApiRunner", "DirectRunner") or (direct.direct_num_workers or 1) <= 1 or (
-            direct.direct_running_mode not in (None, "in_memory")):
-        return None  # anything the user configured explicitly is left to Beam
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    from apache_beam.transforms.environments import SubprocessSDKEnvironment
-
-    from pipeline.beam_worker import quiet_local_runner_logs
-
-    quiet_local_runner_logs()
-    direct.direct_running_mode = "in_memory"  # the environment below supplies the processes
-    command = f"{sys.executable} -m pipeline.beam_worker"
-    return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
-
-
 def _run_beam(params: HarvestParams, beam_args: Sequence[str], progress_dir: str) -> None:
-    options = pipeline_options(params, beam_args)
-    pipeline = beam.Pipeline(runner=_local_runner(options), options=options)
+    pipeline = new_pipeline(params.runner, params.workers, beam_args)
     _ = (
         pipeline
         | "PlanFolder" >> beam.Create([storage.join(params.work_dir, "plan")])
@@ -277,13 +197,7 @@ def _run_beam(params: HarvestParams, beam_args: Sequence[str], progress_dir: str
         | "SpreadTasks" >> beam.Reshuffle()
         | "HarvestShards" >> beam.ParDo(HarvestShard(params.model_dump(mode="json"), progress_dir))
     )
-    result = pipeline.run()
-    try:
-        result.wait_until_finish()
-    finally:
-        client = getattr(result, "client", None)  # DaskRunner leaves its client open
-        if client is not None:
-            client.close()
+    run_pipeline(pipeline)
 
 
 def run_harvest(params: HarvestParams, beam_args: Sequence[str] = (), progress: bool = True

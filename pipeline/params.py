@@ -9,13 +9,14 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from pipeline.errors import ParamsError
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
 SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -200,12 +201,13 @@ def _render_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return (prefix + text).lstrip(".") or "(top level)"
 
 
-def _format_errors(err: ValidationError, where: str, prefix: str, data: Any) -> str:
+def _format_errors(err: ValidationError, where: str, prefix: str, data: Any,
+                   root: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         path = _render_path(prefix, e["loc"])
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(e["loc"][:-1], data)
+            allowed = _allowed_keys(e["loc"][:-1], data, root or HarvestParams)
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"{where}: {path}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
@@ -218,14 +220,30 @@ def _format_errors(err: ValidationError, where: str, prefix: str, data: Any) -> 
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple[Any, ...], data: Any) -> list[str]:
-    """Field names of the model at `loc`, following `kind` into the source models."""
-    model: type[BaseModel] = HarvestParams
+def _nested_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The model class a field holds (directly, optionally, or as dict/list values), if any."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+    stack: list[Any] = [field.annotation]
+    while stack:
+        tp = stack.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return tp
+        stack.extend(getattr(tp, "__args__", ()))
+    return None
+
+
+def _allowed_keys(loc: tuple[Any, ...], data: Any, root: type[BaseModel]) -> list[str]:
+    """Field names of the model at `loc`, following nested models and `kind` into the source models."""
+    model: type[BaseModel] = root
     node = data
     for part in loc:
         if isinstance(part, str) and part in SOURCE_MODELS and isinstance(node, dict):
             model = SOURCE_MODELS[part]  # pydantic puts the union tag in the location
             continue
+        if isinstance(part, str):
+            model = _nested_model(model, part) or model
         if isinstance(node, dict):
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
@@ -271,6 +289,22 @@ def load_sources(path: Path) -> list[Any]:
     if isinstance(data, dict) and "sources" in data:
         data = data["sources"]
     return validate_sources(data, str(path), "sources")
+
+
+def read_params_file(params_path: Path) -> dict[str, Any]:
+    """The whole params.yaml as a mapping of stage sections."""
+    data = _read_yaml(params_path) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{params_path}: expected a mapping of stage sections")
+    return data
+
+
+def validate_section(model: type[ModelT], section: dict[str, Any], where: str, prefix: str) -> ModelT:
+    """Validate one params section; errors name the file, the key path and what is allowed."""
+    try:
+        return model.model_validate(section)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, where, prefix, section, model)) from None
 
 
 def load_harvest_params(params_path: Path, overrides: dict[str, Any] | None = None) -> HarvestParams:

@@ -111,6 +111,63 @@ REJECT_REASONS: dict[str, str] = {
 }
 
 
+def _curated_columns() -> tuple[Column, ...]:
+    """The harvest columns (caption_source widened to every captioner) plus what curation adds."""
+    base = tuple(
+        Column(c.name, c.type, "Who wrote `caption`: `source` (the dataset's own sentence), `template` (built "
+               "from the metadata) or `vlm:{model}` (a vision-language model).") if c.name == "caption_source"
+        else c for c in HARVEST_COLUMNS)
+    added = (
+        Column("image_key", _STR, "Harvest key of the image this row uses (`{image_key}.jpg` in the harvest "
+               "shard `shard`); equals `key` except for the extra rows of one-sample-per-sentence captions."),
+        Column("country_iso3", _STR, "ISO 3166-1 alpha-3 code of the country containing the chip centre "
+               "(Natural Earth 1:50m; its ADM0_A3 where ISO_A3 is -99); at sea the nearest country within "
+               "`geo.max_sea_km`; null otherwise or when not georeferenced."),
+        Column("country", _STR, "Country name (Natural Earth NAME)."),
+        Column("continent", _STR, "Continent (Natural Earth CONTINENT, e.g. `Europe`, `Seven seas (open ocean)`)."),
+        Column("h3_cell", _STR, "H3 cell (resolution `geo.h3_resolution`) of the chip centre; null when not "
+               "georeferenced."),
+        Column("clip_score", pa.float32(), "Cosine similarity of the L2-normalised CLIP image and caption "
+               "embeddings (`clip_model`)."),
+        Column("clip_model", _STR, "open_clip model and weights that computed `clip_score` "
+               "(`name/pretrained`; `random-init` marks offline smoke runs whose scores mean nothing)."),
+    )
+    return base + added
+
+
+CURATED_COLUMNS: tuple[Column, ...] = _curated_columns()
+
+CURATION_REJECTED_COLUMNS: tuple[Column, ...] = (
+    Column("key", _STR, "Key of the dropped sample."),
+    Column("image_key", _STR, "Harvest key of its image."),
+    Column("shard", _STR, "Harvest shard that holds the image."),
+    Column("source", _STR, "Source `name`."),
+    Column("stage", _STR, "Curation stage that dropped it (`caption`, `clip`, `filter`, `dedup`, `curate`)."),
+    Column("reason", _STR, "Machine-readable reason (see the curation reasons table)."),
+    Column("detail", _STR, "Human-readable detail: the error, the score and the cut-off, the distance."),
+    Column("duplicate_of", _STR, "For duplicates: `image_key` of the kept copy."),
+    Column("clip_score", pa.float32(), "The sample's CLIP score where it was computed."),
+    Column("lon", _F64, "Chip centre longitude where known."),
+    Column("lat", _F64, "Chip centre latitude where known."),
+)
+
+CURATION_REASONS: dict[str, str] = {
+    "no_caption": "`source` captioner: the source has no caption for the image and `caption.fallback` is "
+                  "`reject`.",
+    "vlm_failed": "The captioning endpoint kept failing (HTTP error, timeout, connection) after its retries; "
+                  "the shard is redone on the next run.",
+    "vlm_bad_reply": "The captioning endpoint kept answering without a usable caption after its retries.",
+    "image_missing": "The image is not in its harvest shard (the harvest changed after this row was made).",
+    "decode_error": "The image bytes could not be decoded for CLIP.",
+    "below_min_score": "`clip_score` is below `filter.min_score`.",
+    "below_top_percent": "`clip_score` is below the cut-off that keeps `filter.top_percent` of its (source, "
+                         "level) group.",
+    "duplicate_exact": "Another image has the same sha256; `duplicate_of` names the kept copy.",
+    "duplicate_near": "A near copy (perceptual hash, CLIP cosine, same place) was kept; `duplicate_of` names it.",
+    "over_cell_cap": "Its (H3 cell, level) already holds `curate.max_per_cell` samples.",
+}
+
+
 def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
     """Build the Arrow schema, with each description kept as field metadata for the cards."""
     return pa.schema(
@@ -120,6 +177,8 @@ def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
 
 HARVEST_SCHEMA = arrow_schema(HARVEST_COLUMNS)
 REJECTED_SCHEMA = arrow_schema(REJECTED_COLUMNS)
+CURATED_SCHEMA = arrow_schema(CURATED_COLUMNS)
+CURATION_REJECTED_SCHEMA = arrow_schema(CURATION_REJECTED_COLUMNS)
 
 
 def markdown_table(columns: tuple[Column, ...]) -> str:
@@ -129,8 +188,8 @@ def markdown_table(columns: tuple[Column, ...]) -> str:
     return "\n".join(lines)
 
 
-def reasons_table() -> str:
-    """Render the rejection reasons as a Markdown table."""
+def reasons_table(reasons: dict[str, str] | None = None) -> str:
+    """Render rejection reasons (the harvest's by default) as a Markdown table."""
     lines = ["| reason | meaning |", "|---|---|"]
-    lines += [f"| `{reason}` | {meaning} |" for reason, meaning in REJECT_REASONS.items()]
+    lines += [f"| `{reason}` | {meaning} |" for reason, meaning in (reasons or REJECT_REASONS).items()]
     return "\n".join(lines)

@@ -69,7 +69,8 @@ def row_json(row: dict[str, Any], geometry: Any) -> bytes:
     return f'{text[:-1]},"geometry":{footprint}}}'.encode()
 
 
-def _geo_metadata(geometries: list[Any]) -> bytes:
+def geo_metadata(geometries: list[Any]) -> bytes:
+    """GeoParquet 1.1 `geo` metadata for a WKB geometry column (WGS84 lon/lat, planar edges)."""
     present = [g for g in geometries if g is not None]
     column: dict[str, Any] = {
         "encoding": "WKB",
@@ -164,7 +165,7 @@ class ShardWriter:
             pq.write_table(_table(self.rejected, REJECTED_SCHEMA), local, compression="zstd")
         table = _table(self.rows, HARVEST_SCHEMA)
         meta = dict(table.schema.metadata or {})
-        meta[b"geo"] = _geo_metadata(self.geometries)
+        meta[b"geo"] = geo_metadata(self.geometries)
         meta[FINGERPRINT_KEY] = self.fingerprint.encode()
         table = table.replace_schema_metadata(meta)
         with storage.atomic_write(self.paths["metadata"]) as local:

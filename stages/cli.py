@@ -13,7 +13,7 @@ import sys
 
 from pipeline.beam_worker import DropHarnessChatter
 from pipeline.errors import Text2EarthError
-from stages import harvest
+from stages import curation, harvest
 
 DESCRIPTION = """\
 text2earth rebuilds a Git-10M-style remote-sensing image-text dataset and trains the Text2Earth
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     harvest.add_parser(subparsers)
+    curation.add_parsers(subparsers)
     return parser
 
 

@@ -104,3 +104,48 @@ def sample_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "geotiff"
     shutil.copytree(SAMPLE / "geotiff", dst)
     return dst
+
+
+CLIP_TINY = REPO / "tests" / "data" / "clip-tiny-test.json"
+
+
+def curation_params(tmp: Path, harvest_dir: Path, **sections: dict[str, Any]) -> Path:
+    """A params.yaml for curating `harvest_dir` under `tmp`: repo defaults, the tiny test CLIP model,
+    and `sections` merged over each stage's section."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base["curation"].update({"harvest_dir": str(harvest_dir), "dir": str(tmp / "curation"),
+                             "output_dir": str(tmp / "curated"), "work_dir": str(tmp / "work")})
+    base["clip"].update({"model": "clip-tiny-test", "model_config_path": str(CLIP_TINY),
+                         "cache_dir": str(tmp / "cache" / "clip"), "batch_size": 8, "threads": 1})
+    base["caption"]["vlm_cache_dir"] = str(tmp / "cache" / "vlm")
+    for name, values in sections.items():
+        base[name] = {**(base.get(name) or {}), **values}
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+CURATION_STAGES = ("geo", "caption", "clip", "filter", "dedup", "curate")
+
+
+def curate(params: Path, stages: tuple[str, ...] = CURATION_STAGES) -> dict[str, dict[str, Any]]:
+    """Run curation stages through the CLI (in-process FnApiRunner); return each stage's metrics."""
+    import json
+
+    from stages.cli import main
+
+    out = {}
+    for stage in stages:
+        metrics = params.parent / f"{stage}.json"
+        assert main([stage, "--params", str(params), "--no-progress", "--metrics", str(metrics)]) == 0
+        out[stage] = json.loads(metrics.read_text())
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_curation(sample_harvest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample harvest curated once by every stage (tiny random CLIP); returns the params file."""
+    params = curation_params(tmp_path_factory.mktemp("curation"), sample_harvest)
+    curate(params)
+    return params

@@ -1,0 +1,347 @@
+"""CLIP scoring through Beam's RunInference: image and caption embeddings, their cosine, a cache.
+
+One open_clip model per worker process scores batches of exactly `batch_size` (the last one padded):
+CPU matrix kernels round differently for different batch sizes, so fixed shapes make every embedding
+independent of which other images shared its batch, and outputs byte-identical from run to run.
+Embeddings are cached by image (or caption) sha256 + model, so a re-run or a later stage never computes
+one twice; the stage also keeps float16 image embeddings and perceptual hashes for deduplication.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io as _io
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+
+from pipeline import storage
+from pipeline.curation import io
+from pipeline.curation.job import ShardStep, StageContext
+from pipeline.curation.params import ClipParams
+from pipeline.errors import ParamsError
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_SCHEMA = pa.schema([
+    pa.field("image_key", pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("phash", pa.int64(), metadata={"description": "64-bit DCT perceptual hash (imagehash.phash)."}),
+    pa.field("embedding", pa.binary(), metadata={"description": "L2-normalised CLIP image embedding, float16 "
+                                                 "little-endian bytes (np.frombuffer(b, '<f2'))."}),
+])
+
+
+def model_label(params: ClipParams) -> str:
+    """What `clip_model` says: name and weights (`random-init` marks meaningless offline scores)."""
+    weights = params.pretrained if params.pretrained is not None else f"random-init-seed{params.seed}"
+    return f"{params.model}/{weights}"
+
+
+def model_id(params: ClipParams) -> str:
+    """Cache namespace: everything that changes an embedding's bits (weights, config, numerics)."""
+    config = storage.read_bytes(params.model_config_path) if params.model_config_path else b""
+    weights = params.pretrained or ""
+    if weights and storage.is_local(weights):
+        import os
+
+        if os.path.exists(weights):  # a local checkpoint: its size and mtime-free content hash prefix
+            with open(weights, "rb") as fh:
+                weights = f"{weights}:{os.path.getsize(weights)}:{hashlib.sha256(fh.read(1 << 20)).hexdigest()}"
+    parts = [params.model, weights, params.seed if params.pretrained is None else None,
+             hashlib.sha256(config).hexdigest(), params.precision, params.batch_size,
+             "cuda" if params.device.startswith("cuda") else "cpu"]
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in params.model)[:40]
+    return f"{slug}-{io.fingerprint(*parts)[:16]}"
+
+
+@dataclass
+class ClipRuntime:
+    """A loaded model with its preprocessing and tokenizer."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: str
+    batch_size: int
+    dtype: Any
+
+
+def load_clip(params: ClipParams) -> ClipRuntime:
+    """Build the open_clip model the params name: a pretrained tag, an hf-hub id, a checkpoint or random."""
+    import open_clip
+    import torch
+
+    if params.model_config_path:
+        open_clip.add_model_config(params.model_config_path)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    known = open_clip.list_models()
+    if params.model not in known and not params.model.startswith(("hf-hub:", "local-dir:")):
+        close = difflib.get_close_matches(params.model, known, n=3)
+        raise ParamsError(f"clip.model: {params.model!r} is not an open_clip model"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + "; see open_clip.list_models(), or register a config with clip.model_config_path")
+    if params.pretrained is None:
+        torch.manual_seed(params.seed)  # random weights, the same in every worker and every run
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            params.model, pretrained=params.pretrained, precision=params.precision, device=params.device)
+    except Exception as exc:  # offline hub, bad tag, missing file: say what to change
+        raise ParamsError(
+            f"clip: could not load {params.model!r} with pretrained={params.pretrained!r}: {exc}. Give a "
+            "pretrained tag from open_clip.list_pretrained(), a local checkpoint path (offline), or null "
+            "(random weights, for smoke runs only)") from exc
+    model.eval()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[params.precision]
+    return ClipRuntime(model, preprocess, open_clip.get_tokenizer(params.model), params.device,
+                       params.batch_size, dtype)
+
+
+# A work item: ("image", sha256, encoded bytes) or ("text", sha256 of the text, text).
+WorkItem = tuple[str, str, Any]
+
+
+def _padded(rows: Any, batch_size: int) -> Any:
+    """Pad a batch tensor with zero rows to exactly `batch_size` (fixed shapes, fixed rounding)."""
+    import torch
+
+    if rows.shape[0] >= batch_size:
+        return rows
+    pad = torch.zeros((batch_size - rows.shape[0], *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, pad])
+
+
+def embed_images(rt: ClipRuntime, images: Sequence[bytes]) -> list[np.ndarray | None]:
+    """Normalised float32 embeddings; None for bytes that do not decode."""
+    import torch
+    from PIL import Image
+
+    tensors, index = [], []
+    out: list[np.ndarray | None] = [None] * len(images)
+    for i, data in enumerate(images):
+        try:
+            with Image.open(_io.BytesIO(data)) as im:
+                tensors.append(rt.preprocess(im.convert("RGB")))
+            index.append(i)
+        except Exception as exc:
+            log.debug("undecodable image: %s", exc)
+    for start in range(0, len(tensors), rt.batch_size):
+        chunk = torch.stack(tensors[start:start + rt.batch_size])
+        n = chunk.shape[0]
+        with torch.no_grad():
+            feats = rt.model.encode_image(_padded(chunk, rt.batch_size).to(rt.device, rt.dtype))[:n]
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+        for j in range(n):
+            out[index[start + j]] = feats[j]
+    return out
+
+
+def embed_texts(rt: ClipRuntime, texts: Sequence[str]) -> list[np.ndarray]:
+    """Normalised float32 caption embeddings."""
+    import torch
+
+    out: list[np.ndarray] = []
+    for start in range(0, len(texts), rt.batch_size):
+        tokens = rt.tokenizer(list(texts[start:start + rt.batch_size]))
+        n = tokens.shape[0]
+        with torch.no_grad():
+            feats = rt.model.encode_text(_padded(tokens, rt.batch_size).to(rt.device))[:n]
+            out += list(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+    return out
+
+
+class ClipModelHandler(ModelHandler[WorkItem, tuple[str, str, Any], ClipRuntime]):
+    """RunInference handler: one model per worker process, batches of exactly `batch_size`."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__()
+        self.params = ClipParams.model_validate(params)
+
+    def load_model(self) -> ClipRuntime:
+        """Called once per worker process by RunInference."""
+        return load_clip(self.params)
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        """Full batches (a bundle's last one is padded)."""
+        return {"min_batch_size": self.params.batch_size, "max_batch_size": self.params.batch_size}
+
+    def run_inference(self, batch: Sequence[WorkItem], model: ClipRuntime,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[tuple[str, str, Any]]:
+        """Embed the batch's images and texts; images also get their perceptual hash."""
+        from pipeline.curation.dedup import perceptual_hash
+
+        images = [(sha, data) for kind, sha, data in batch if kind == "image"]
+        texts = [(sha, text) for kind, sha, text in batch if kind == "text"]
+        image_embs = embed_images(model, [d for _, d in images]) if images else []
+        text_embs = embed_texts(model, [t for _, t in texts]) if texts else []
+        found: dict[tuple[str, str], Any] = {}
+        for (sha, data), emb in zip(images, image_embs, strict=True):
+            found["image", sha] = None if emb is None else (emb, perceptual_hash(data))
+        for (sha, _), emb in zip(texts, text_embs, strict=True):
+            found["text", sha] = (emb, None)
+        return [(kind, sha, found[kind, sha]) for kind, sha, _ in batch]
+
+    def share_model_across_processes(self) -> bool:
+        """One model per worker process (the issue's rule; large_model sharing is for GPUs)."""
+        return False
+
+
+class EmbeddingCache:
+    """Embeddings by (model, image sha256) and (model, caption sha256), one small .npy per entry."""
+
+    def __init__(self, cache_dir: str, model: str) -> None:
+        self.base = storage.join(cache_dir, model)
+
+    def _url(self, kind: str, sha: str) -> str:
+        return storage.join(self.base, kind, sha[:2], f"{sha}.npy")
+
+    def get_many(self, kind: str, shas: Sequence[str]) -> dict[str, tuple[np.ndarray, int | None]]:
+        """Entries present in the cache (image entries carry the phash as a last float64 element)."""
+        def one(sha: str) -> tuple[str, Any]:
+            try:
+                vec = np.load(_io.BytesIO(storage.read_bytes(self._url(kind, sha))))
+            except (FileNotFoundError, OSError, ValueError):
+                return sha, None
+            if kind == "image":
+                return sha, (vec[:-1].astype(np.float32), int(vec[-1].view(np.int64)))
+            return sha, (vec.astype(np.float32), None)
+
+        with ThreadPoolExecutor(16) as pool:
+            return {sha: v for sha, v in pool.map(one, shas) if v is not None}
+
+    def put_many(self, kind: str, entries: dict[str, tuple[np.ndarray, int | None]]) -> None:
+        """Store entries (float64: embedding values exactly, then the phash bits for images)."""
+        def one(item: tuple[str, tuple[np.ndarray, int | None]]) -> None:
+            sha, (emb, phash) = item
+            vec = emb.astype(np.float64)
+            if kind == "image":
+                vec = np.append(vec, np.array([phash], dtype=np.int64).view(np.float64))
+            buf = _io.BytesIO()
+            np.save(buf, vec)
+            with storage.atomic_write(self._url(kind, sha)) as local, open(local, "wb") as fh:
+                fh.write(buf.getvalue())
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, entries.items()))
+
+
+def text_sha(text: str) -> str:
+    """Cache key of a caption."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _shard_rows(ctx: StageContext, shard: str) -> list[dict[str, Any]]:
+    return io.read_table(ctx.input_dir, shard, ["key", "image_key", "shard", "source", "sha256", "caption",
+                                                "lon", "lat"]).to_pylist()
+
+
+class PrepareClip(beam.DoFn):
+    """For a shard not yet committed: the images and captions whose embeddings are not cached."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    def setup(self) -> None:
+        """Params and cache once per worker."""
+        self.common, self.params = self.ctx.load()
+        self.cache = EmbeddingCache(self.params.cache_dir, model_id(self.params))
+
+    def process(self, record: str) -> Iterator[Any]:
+        """Main output: (shard, ("task", record)); tagged `work`: (shard, work item) per cache miss."""
+        task = json.loads(record)
+        shard = task["shard"]
+        yield shard, ("task", record)
+        if io.committed(self.ctx.output_dir, shard) != task["fingerprint"]:
+            yield from self._misses(shard)
+
+    def _misses(self, shard: str) -> Iterator[Any]:
+        rows = _shard_rows(self.ctx, shard)
+        images = {r["sha256"]: r["image_key"] for r in rows}
+        texts = {text_sha(r["caption"]): r["caption"] for r in rows if r["caption"]}
+        missing_images = sorted(set(images) - set(self.cache.get_many("image", sorted(images))))
+        missing_texts = sorted(set(texts) - set(self.cache.get_many("text", sorted(texts))))
+        data = io.read_images(self.common.harvest_dir, shard, {images[s] for s in missing_images})
+        for sha in missing_images:
+            if images[sha] in data:
+                yield beam.pvalue.TaggedOutput("work", (shard, ("image", sha, data[images[sha]])))
+        for sha in missing_texts:
+            yield beam.pvalue.TaggedOutput("work", (shard, ("text", sha, texts[sha])))
+
+
+class WriteClip(ShardStep):
+    """Scores from fresh and cached embeddings; metadata, embeddings and rejected rows of one shard."""
+
+    def on_setup(self) -> None:
+        """The cache this model writes to."""
+        self.cache = EmbeddingCache(self.params.cache_dir, model_id(self.params))
+        self.label = model_label(self.params)
+
+    def write(self, shard: str, fp: str, extra: Any) -> dict[str, int]:
+        """Join embeddings to rows; store new ones in the cache first (a crash after that loses nothing)."""
+        fresh: dict[str, dict[str, Any]] = {"image": {}, "text": {}}
+        failed: set[str] = set()
+        for kind, sha, value in extra.get("result", []):
+            if value is None:
+                failed.add(sha)
+            else:
+                fresh[kind][sha] = value
+        self.cache.put_many("image", fresh["image"])
+        self.cache.put_many("text", fresh["text"])
+        table = io.read_table(self.ctx.input_dir, shard)
+        rows = table.to_pylist()
+        shas = sorted({r["sha256"] for r in rows} - set(fresh["image"]) - failed)
+        images = {**self.cache.get_many("image", shas), **fresh["image"]}
+        tshas = sorted({text_sha(r["caption"]) for r in rows if r["caption"]} - set(fresh["text"]))
+        texts = {**self.cache.get_many("text", tshas), **fresh["text"]}
+        keep, scores, rejected = [], [], []
+        embeddings: dict[str, tuple[str, int, bytes]] = {}
+        for i, row in enumerate(rows):
+            image = images.get(row["sha256"])
+            if image is None:
+                reason = "decode_error" if row["sha256"] in failed else "image_missing"
+                rejected.append(io.rejected_row(row, "clip", reason, f"{row['image_key']} in shard {shard}"))
+                continue
+            text = texts.get(text_sha(row["caption"])) if row["caption"] else None
+            if text is None:  # the caption stage guarantees one; a missing one is a bug worth stopping on
+                raise RuntimeError(f"clip: no caption embedding for {row['key']} in {shard}")
+            keep.append(i)
+            scores.append(float(np.dot(image[0].astype(np.float64), text[0].astype(np.float64))))
+            embeddings.setdefault(row["image_key"], (row["sha256"], image[1], image[0].astype("<f2").tobytes()))
+        kept = io.take(table, keep)
+        kept = io.with_columns(kept, {"clip_score": scores, "clip_model": [self.label] * len(keep)})
+        emb_table = pa.Table.from_pylist(
+            [{"image_key": k, "sha256": s, "phash": p, "embedding": e}
+             for k, (s, p, e) in sorted(embeddings.items())], schema=EMBEDDINGS_SCHEMA)
+        return io.write_shard(self.ctx.output_dir, shard, kept, rejected, fp, {"embeddings": emb_table})
+
+
+def _grouped(item: tuple[str, Iterable[tuple[str, Any]]]) -> tuple[str, dict[str, list[Any]]]:
+    shard, values = item
+    out: dict[str, list[Any]] = {"task": [], "result": []}
+    for tag, value in values:
+        out[tag].append(value)
+    return shard, out
+
+
+def build(tasks: beam.PCollection, ctx: StageContext) -> Any:
+    """tasks -> cache misses -> RunInference -> grouped by shard -> WriteClip."""
+    prepared = tasks | "clip:Prepare" >> beam.ParDo(PrepareClip(ctx)).with_outputs("work", main="task")
+    handler: Any = KeyedModelHandler(ClipModelHandler(ctx.params))
+    results = (prepared.work
+               | "clip:Embed" >> RunInference(handler)
+               | "clip:Tag" >> beam.MapTuple(lambda shard, result: (shard, ("result", result))))
+    return ((prepared.task, results)
+            | "clip:Merge" >> beam.Flatten()
+            | "clip:ByShard" >> beam.GroupByKey()
+            | "clip:Collect" >> beam.Map(_grouped)
+            | "clip:Write" >> beam.ParDo(WriteClip(ctx)))
