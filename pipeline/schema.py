@@ -117,22 +117,25 @@ def _curated_columns() -> tuple[Column, ...]:
         Column(c.name, c.type, "Who wrote `caption`: `source` (the dataset's own sentence), `template` (built "
                "from the metadata) or `vlm:{model}` (a vision-language model).") if c.name == "caption_source"
         else c for c in HARVEST_COLUMNS)
-    added = (
-        Column("image_key", _STR, "Harvest key of the image this row uses (`{image_key}.jpg` in the harvest "
-               "shard `shard`); equals `key` except for the extra rows of one-sample-per-sentence captions."),
-        Column("country_iso3", _STR, "ISO 3166-1 alpha-3 code of the country containing the chip centre "
-               "(Natural Earth 1:50m; its ADM0_A3 where ISO_A3 is -99); at sea the nearest country within "
-               "`geo.max_sea_km`; null otherwise or when not georeferenced."),
-        Column("country", _STR, "Country name (Natural Earth NAME)."),
-        Column("continent", _STR, "Continent (Natural Earth CONTINENT, e.g. `Europe`, `Seven seas (open ocean)`)."),
-        Column("h3_cell", _STR, "H3 cell (resolution `geo.h3_resolution`) of the chip centre; null when not "
-               "georeferenced."),
-        Column("clip_score", pa.float32(), "Cosine similarity of the L2-normalised CLIP image and caption "
-               "embeddings (`clip_model`)."),
-        Column("clip_model", _STR, "open_clip model and weights that computed `clip_score` "
-               "(`name/pretrained`; `random-init` marks offline smoke runs whose scores mean nothing)."),
-    )
-    return base + added
+    return base + CURATION_ADDED_COLUMNS
+
+
+CURATION_ADDED_COLUMNS: tuple[Column, ...] = (
+    Column("image_key", _STR, "Harvest key of the image this row uses (`{image_key}.jpg` in the harvest "
+           "shard `shard`); equals `key` except for the extra rows of one-sample-per-sentence captions."),
+    Column("country_iso3", _STR, "ISO 3166-1 alpha-3 code of the country containing the chip centre "
+           "(Natural Earth 1:50m; its ADM0_A3 where ISO_A3 is -99); at sea the nearest country within "
+           "`geo.max_sea_km`; null otherwise or when not georeferenced."),
+    Column("country", _STR, "Country name (Natural Earth NAME)."),
+    Column("continent", _STR, "Continent (Natural Earth CONTINENT, e.g. `Europe`, `Seven seas (open ocean)`)."),
+    Column("h3_cell", _STR, "H3 cell (resolution `geo.h3_resolution`) of the chip centre; null when not "
+           "georeferenced."),
+    Column("clip_score", pa.float32(), "Cosine similarity of the L2-normalised CLIP image and caption "
+           "embeddings (`clip_model`)."),
+    Column("clip_model", _STR, "open_clip model and weights that computed `clip_score` "
+           "(`name/pretrained`; `random-init` marks offline smoke runs whose scores mean nothing)."),
+)
+
 
 
 CURATED_COLUMNS: tuple[Column, ...] = _curated_columns()

@@ -11,10 +11,22 @@ import re
 from pathlib import Path
 
 import duckdb
+import pytest
+import yaml
 
+from pipeline.curation.params import STAGE_MODELS, CurationParams
 from pipeline.params import SOURCE_MODELS, HarvestParams
-from pipeline.schema import HARVEST_COLUMNS, REJECT_REASONS, REJECTED_COLUMNS, markdown_table, reasons_table
-from tests.conftest import REPO
+from pipeline.schema import (
+    CURATION_ADDED_COLUMNS,
+    CURATION_REASONS,
+    CURATION_REJECTED_COLUMNS,
+    HARVEST_COLUMNS,
+    REJECT_REASONS,
+    REJECTED_COLUMNS,
+    markdown_table,
+    reasons_table,
+)
+from tests.conftest import REPO, curate
 
 README = REPO / "README.md"
 QUERY = re.compile(r"```sql\n(?P<sql>.*?)```\n+```text\n(?P<out>.*?)```", re.S)
@@ -27,9 +39,25 @@ def render(relation: duckdb.DuckDBPyRelation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_readme_duckdb_queries_return_what_it_shows(sample_harvest: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def readme_curation(sample_harvest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Curation of the sample with the repo's own params (ViT-B-32, random weights), as `dvc repro` runs it."""
+    tmp = tmp_path_factory.mktemp("readme")
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base["curation"].update({"harvest_dir": str(sample_harvest), "dir": str(tmp / "curation"),
+                             "output_dir": str(tmp / "curated"), "work_dir": str(tmp / "work")})
+    base["clip"]["cache_dir"] = str(tmp / "cache")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(base))
+    curate(tmp / "params.yaml")
+    return tmp
+
+
+def test_readme_duckdb_queries_return_what_it_shows(sample_harvest: Path, readme_curation: Path,
+                                                    tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "harvest").symlink_to(sample_harvest)
+    (tmp_path / "data" / "curation").symlink_to(readme_curation / "curation")
+    (tmp_path / "data" / "curated").symlink_to(readme_curation / "curated")
     text = README.read_text()
     matches = list(QUERY.finditer(text))
     assert len(matches) >= 3
@@ -61,3 +89,15 @@ def test_readme_documents_every_column_param_reason_and_source_kind() -> None:
         assert f"`{reason}`" in text, reason
     for kind in SOURCE_MODELS:
         assert f"`{kind}`" in text, kind
+
+
+def test_readme_documents_every_curation_column_param_and_reason() -> None:
+    text = README.read_text()
+    assert markdown_table(CURATION_ADDED_COLUMNS) in text
+    assert markdown_table(CURATION_REJECTED_COLUMNS) in text
+    assert reasons_table(CURATION_REASONS) in text
+    for name in CurationParams.model_fields:
+        assert f"`curation.{name}`" in text or f"`curation.{name}`," in text or f"`curation.{name}" in text, name
+    for section, model in STAGE_MODELS.items():
+        for name in model.model_fields:
+            assert f"`{section}.{name}`" in text, f"{section}.{name}"
