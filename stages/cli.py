@@ -23,6 +23,14 @@ Every subcommand has its own --help.
 """
 
 
+class QuietLibraries(logging.Filter):
+    """open_clip logs model construction at INFO on the root logger; keep its warnings only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop INFO records that come from open_clip's files."""
+        return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every stage's subcommand."""
     parser = argparse.ArgumentParser(prog="text2earth", description=DESCRIPTION,
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(DropHarnessChatter())
+        if not args.verbose:
+            handler.addFilter(QuietLibraries())
     unknown = [a for a in extra if a.startswith("--") is False and a.startswith("-")]
     if unknown:
         parser.error(f"unrecognised option(s): {' '.join(unknown)}")

@@ -74,6 +74,10 @@ def add_parsers(subparsers: Any) -> None:
                        "(default: curation.workers)")
         p.add_argument("--metrics", type=Path, default=Path(f"metrics/{spec.name}.json"),
                        help="where to write the counts for `dvc metrics show` (default: %(default)s)")
+        if spec.name == "curate":
+            p.add_argument("--preview", type=Path, default=Path("metrics/curate_preview.png"),
+                           help="world map of curated samples + funnel chart, for `dvc plots show` "
+                           "(default: %(default)s)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(run=run, spec=spec)
 
@@ -92,10 +96,15 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if spec.name == "curate":
         from pipeline.curation.curate import funnel, write_funnel
         from pipeline.curation.params import STAGES
+        from pipeline.curation.preview import write_curation_preview
 
         rows = funnel(common.harvest_dir, {s: common.stage_dir(s) for s in STAGES}, common.output_dir)
         write_funnel(rows, common.output_dir)
-        extra = f"; funnel: {common.output_dir}/funnel.json"
+        write_curation_preview(common.output_dir, rows, args.preview)
+        harvested = sum(r["kept"] for r in rows if r["stage"] == "harvest")
+        final = sum(r["kept"] + r["added"] for r in rows if r["stage"] == "curate")
+        extra = (f"; {final} of {harvested} harvested chips curated; funnel: {common.output_dir}/funnel.json; "
+                 f"preview: {args.preview}")
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in summary.items() if k not in ("seconds", "shards_resumed")}
     args.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -155,7 +155,8 @@ def summarize(stage: str, input_dir: str, output_dir: str, rows_in: int) -> dict
         by_source[source] = {"kept": kept, "added": added, "rejected": 0, "reasons": {}}
     by_reason: dict[str, int] = {}
     for source, reason, n in con.execute(
-            "SELECT source, reason, count(*) FROM read_parquet(?) GROUP BY 1, 2 ORDER BY 1, 2", [rej]).fetchall():
+            "SELECT source, reason, count(*) FROM read_parquet(?) WHERE stage = ? GROUP BY 1, 2 ORDER BY 1, 2",
+            [rej, stage]).fetchall():
         entry = by_source.setdefault(source, {"kept": 0, "added": 0, "rejected": 0, "reasons": {}})
         entry["rejected"] += n
         entry["reasons"][reason] = n
