@@ -88,3 +88,29 @@ def test_dedup_stage_removes_copies_and_keeps_distinct_uniform_scenes(tmp_path: 
     # greenland: many near-uniform ice and sea chips, all at different places: none merged
     assert not [d for d in dropped if d["source"] == "greenland"]
     assert metrics["in"] == metrics["kept"] + metrics["rejected"]
+
+
+def test_clip_rejects_missing_and_undecodable_images(sample_harvest: Path, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    harvest = tmp_path / "harvest"
+    shutil.copytree(sample_harvest, harvest)
+    shard = harvest / "shards" / "aerial-korea-00000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+    images = [m.name for m, _ in members if m.name.endswith(".jpg")]
+    broken, missing = images[0], images[1]
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members:
+            if member.name == missing:
+                continue
+            if member.name == broken:
+                data = data[:200]  # a truncated JPEG
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    params = curation_params(tmp_path / "c", harvest)
+    metrics = curate(params, ("geo", "caption", "clip"))["clip"]
+    assert metrics["by_reason"] == {"decode_error": 1, "image_missing": 1}
+    rejected = {r["image_key"]: r["reason"] for r in read_rows(tmp_path / "c" / "curation" / "clip", "rejected")}
+    assert rejected == {broken.split(".")[0]: "decode_error", missing.split(".")[0]: "image_missing"}
