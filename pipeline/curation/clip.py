@@ -43,6 +43,8 @@ EMBEDDINGS_SCHEMA = pa.schema([
 
 def model_label(params: ClipParams) -> str:
     """What `clip_model` says: name and weights (`random-init` marks meaningless offline scores)."""
+    if params.pretrained is None and params.model.startswith(("hf-hub:", "local-dir:")):
+        return params.model  # the hub repository (or folder) carries its own weights
     weights = params.pretrained if params.pretrained is not None else f"random-init-seed{params.seed}"
     return f"{params.model}/{weights}"
 
@@ -91,7 +93,7 @@ def load_clip(params: ClipParams) -> ClipRuntime:
         raise ParamsError(f"clip.model: {params.model!r} is not an open_clip model"
                           + (f" (did you mean {', '.join(close)}?)" if close else "")
                           + "; see open_clip.list_models(), or register a config with clip.model_config_path")
-    if params.pretrained is None:
+    if params.pretrained is None:  # hf-hub / local-dir models load their weights; others get random ones
         torch.manual_seed(params.seed)  # random weights, the same in every worker and every run
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(

@@ -199,3 +199,19 @@ def test_filter_rules_and_cell_cap(sample_harvest: Path, tmp_path: Path) -> None
     for (source, level), scores in by_group.items():
         n_kept = sum(1 for r in kept if (r["source"], r["level"]) == (source, level))
         assert n_kept >= int(np.ceil(len(scores) / 2)), (source, level)
+
+
+@pytest.mark.parametrize("stage", ["clip", "filter"])
+def test_interrupted_stage_redoes_only_missing_shards(sample_curation: Path, stage: str) -> None:
+    """A crash leaves some shards uncommitted (metadata is written last): the re-run redoes only those."""
+    dirs = _dirs(sample_curation)
+    before = _digests(dirs[stage])
+    lost = sorted((dirs[stage] / "metadata").glob("*.parquet"))[:3]
+    for path in lost:
+        path.unlink()
+    (dirs[stage] / "metadata" / f".{lost[0].name}.tmp-crashed").write_bytes(b"half a file")
+    curate(sample_curation, (stage,))
+    assert _digests(dirs[stage]) == before
+    progress = Path(yaml.safe_load(sample_curation.read_text())["curation"]["work_dir"]) / "progress" / stage
+    assert sorted(p.stem for p in progress.glob("*.done")) == sorted(p.stem for p in lost)
+    assert not list((dirs[stage] / "metadata").glob(".*"))
