@@ -82,6 +82,19 @@ def add_parsers(subparsers: Any) -> None:
         p.set_defaults(run=run, spec=spec)
 
 
+def preflight(stage: str, params: Any) -> None:
+    """Check in the driver what would otherwise fail inside every Beam worker (with a traceback)."""
+    if stage == "clip":
+        from pipeline.curation.clip import check_model
+
+        check_model(params)
+    if stage == "caption" and params.vlm is not None and (
+            params.default == "vlm" or "vlm" in params.per_source.values()):
+        from pipeline.curation.vlm import VlmCaptioner
+
+        VlmCaptioner(params.vlm, None).close()  # raises when the API key variable is missing
+
+
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     """Run one curation stage."""
     from pipeline.curation.job import run_stage, summary_line
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     spec: StageSpec = args.spec
     common, params = load_curation_params(args.params, spec.name, {"workers": args.workers})
+    preflight(spec.name, params)
     build = importlib.import_module(f"pipeline.curation.{spec.module}").build
     summary = run_stage(spec.name, common, params, build, beam_args, progress=not args.no_progress,
                         global_inputs=spec.global_inputs, subs=spec.subs)

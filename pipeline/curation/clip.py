@@ -78,21 +78,38 @@ class ClipRuntime:
     dtype: Any
 
 
-def load_clip(params: ClipParams) -> ClipRuntime:
-    """Build the open_clip model the params name: a pretrained tag, an hf-hub id, a checkpoint or random."""
+def check_model(params: ClipParams) -> None:
+    """Fail fast, in the driver, on a model name or checkpoint path that cannot work."""
+    import os
+
     import open_clip
-    import torch
 
     if params.model_config_path:
+        if not os.path.exists(params.model_config_path):
+            raise ParamsError(f"clip.model_config_path: {params.model_config_path} does not exist")
         open_clip.add_model_config(params.model_config_path)
-    if params.threads:
-        torch.set_num_threads(params.threads)
     known = open_clip.list_models()
     if params.model not in known and not params.model.startswith(("hf-hub:", "local-dir:")):
         close = difflib.get_close_matches(params.model, known, n=3)
         raise ParamsError(f"clip.model: {params.model!r} is not an open_clip model"
                           + (f" (did you mean {', '.join(close)}?)" if close else "")
                           + "; see open_clip.list_models(), or register a config with clip.model_config_path")
+    weights = params.pretrained
+    looks_like_path = weights is not None and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin",
+                                                                                       ".safetensors")))
+    if weights and looks_like_path and storage.is_local(weights) and not os.path.exists(weights):
+        raise ParamsError(f"clip.pretrained: checkpoint {weights} does not exist (give an open_clip tag such as "
+                          "laion2b_s34b_b79k, an existing checkpoint path, or null)")
+
+
+def load_clip(params: ClipParams) -> ClipRuntime:
+    """Build the open_clip model the params name: a pretrained tag, an hf-hub id, a checkpoint or random."""
+    import open_clip
+    import torch
+
+    check_model(params)
+    if params.threads:
+        torch.set_num_threads(params.threads)
     if params.pretrained is None:  # hf-hub / local-dir models load their weights; others get random ones
         torch.manual_seed(params.seed)  # random weights, the same in every worker and every run
     try:

@@ -81,3 +81,11 @@ def test_unknown_clip_model_names_close_matches(tmp_path: Path) -> None:
         assert "ViT-B-32" in str(exc) and "clip.model" in str(exc)
     else:
         raise AssertionError("an unknown model name must stop the stage")
+
+
+def test_missing_vlm_key_and_checkpoint_stop_before_the_job(tmp_path: Path) -> None:
+    vlm = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "T2E_SURELY_UNSET_KEY"}
+    out = _cli("caption", "--params", str(_params_with(tmp_path, "caption", {"default": "vlm", "vlm": vlm})))
+    assert out.returncode == 2 and "export T2E_SURELY_UNSET_KEY" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("clip", "--params", str(_params_with(tmp_path, "clip", {"pretrained": "/no/such/remoteclip.pt"})))
+    assert out.returncode == 2 and "clip.pretrained" in out.stderr and "Traceback" not in out.stderr
