@@ -1,16 +1,18 @@
 """The `dedup` stage: drop exact copies (same sha256) anywhere, then near copies within a neighbourhood.
 
-Images are the unit (rows sharing an image by one-sample-per-sentence captions go together). Exact
-copies are grouped by sha256 over the whole dataset; near copies are searched only within one H3 cell
-(non-georeferenced images share one bucket) with perceptual hash, CLIP cosine and a distance test, so
-uniform scenes at different places never merge. The kept copy is the best-scored (then the smallest key).
+Images are the unit (rows sharing an image by one-sample-per-sentence captions go together). Exact copies
+are grouped by sha256 over the whole dataset with small records; near copies are searched only within one
+H3 cell (images without a location share one bucket) with perceptual hash, CLIP cosine and a distance
+test, so uniform scenes at different places never merge. Only the near step moves embeddings (one compact
+record per image, one shuffle). The kept copy is the best-scored (then the smallest key), and every
+`duplicate_of` names an image that is finally kept.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -22,79 +24,94 @@ from pipeline.curation.job import ShardStep, StageContext
 NO_PLACE = "no-georeference"
 
 
-def _records(record: str, ctx: StageContext, clip_dir: str) -> Iterator[dict[str, Any]]:
-    """One record per image of a shard: identity, place, best score, phash and embedding."""
+class ImageRecord(NamedTuple):
+    """What dedup knows about one image (a tuple: compact in memory and in the shuffle)."""
+
+    image_key: str
+    shard: str
+    sha256: str
+    score: float
+    lon: float | None
+    lat: float | None
+    ground_width_m: float | None
+    h3_cell: str | None
+    phash: int
+    embedding: bytes  # float16 little-endian
+
+
+def _records(record: str, ctx: StageContext, clip_dir: str) -> Iterator[ImageRecord]:
+    """One record per image of a shard, its score the best of its rows."""
     shard = json.loads(record)["shard"]
-    rows = io.read_table(ctx.input_dir, shard, ["key", "image_key", "source", "sha256", "lon", "lat", "gsd_m",
-                                                "width", "h3_cell", "clip_score"]).to_pylist()
-    embeddings = {r["image_key"]: r for r in io.read_table(clip_dir, shard, sub="embeddings").to_pylist()}
-    images: dict[str, dict[str, Any]] = {}
+    rows = io.read_table(ctx.input_dir, shard, ["image_key", "sha256", "lon", "lat", "gsd_m", "width", "h3_cell",
+                                                "clip_score"]).to_pylist()
+    best: dict[str, dict[str, Any]] = {}
     for row in rows:
-        image = images.get(row["image_key"])
-        if image is None:
-            emb = embeddings[row["image_key"]]
-            width = row["gsd_m"] * row["width"] if row["gsd_m"] and row["width"] else None
-            images[row["image_key"]] = {
-                "image_key": row["image_key"], "shard": shard, "source": row["source"], "sha256": row["sha256"],
-                "lon": row["lon"], "lat": row["lat"], "ground_width_m": width, "h3_cell": row["h3_cell"],
-                "score": row["clip_score"], "phash": emb["phash"], "embedding": emb["embedding"]}
-        else:
-            image["score"] = max(image["score"], row["clip_score"])
-    yield from images.values()
+        seen = best.get(row["image_key"])
+        if seen is None or row["clip_score"] > seen["clip_score"]:
+            best[row["image_key"]] = row
+    emb = (io.read_table(clip_dir, shard, ["image_key", "phash", "embedding"], sub="embeddings").to_pydict()
+           if best else {"image_key": [], "phash": [], "embedding": []})
+    found = {k: (p, e) for k, p, e in zip(emb["image_key"], emb["phash"], emb["embedding"], strict=True)}
+    for key, row in sorted(best.items()):
+        phash, embedding = found[key]
+        width = row["gsd_m"] * row["width"] if row["gsd_m"] and row["width"] else None
+        yield ImageRecord(key, shard, row["sha256"], float(row["clip_score"]), row["lon"], row["lat"], width,
+                          row["h3_cell"], phash, embedding)
 
 
-def _rank(image: dict[str, Any]) -> tuple[float, str]:
-    return -float(image["score"]), image["image_key"]
+def _rank(score: float, key: str) -> tuple[float, str]:
+    return -score, key
 
 
-def _drop(image: dict[str, Any], reason: str, kept: dict[str, Any], detail: str) -> tuple[str, Any]:
-    """A decision routed to the shard of the dropped image."""
-    return image["shard"], ("drop", {"image_key": image["image_key"], "reason": reason,
-                                     "duplicate_of": kept["image_key"], "detail": detail})
-
-
-def exact_step(item: tuple[str, Iterable[dict[str, Any]]]) -> dict[str, Any]:
-    """The kept image of a sha256 group, carrying the copies it stands for (decided after the near step,
-    so `duplicate_of` always names an image that is finally kept)."""
+def exact_step(item: tuple[str, Iterable[tuple[str, str, float]]]) -> Iterator[tuple[str, tuple[str, str, str]]]:
+    """(keeper, (dropped image, its shard, sha256)) for every copy but the best of a sha256 group."""
     from pipeline.curation.dedup import exact_duplicates
 
-    images = {i["image_key"]: i for i in item[1]}
-    drops = dict(exact_duplicates([(k, _rank(i)) for k, i in images.items()])) if len(images) > 1 else {}
-    kept = next(i for k, i in sorted(images.items()) if k not in drops)
-    absorbed = [{k: images[key][k] for k in ("image_key", "shard", "sha256")} for key in sorted(drops)]
-    return {**kept, "absorbed": absorbed}
+    images = {key: (shard, score) for key, shard, score in item[1]}
+    if len(images) > 1:
+        for dropped, kept in exact_duplicates([(k, _rank(s, k)) for k, (_, s) in images.items()]):
+            yield kept, (dropped, images[dropped][0], item[0])
 
 
-def neighbourhood(image: dict[str, Any], resolution: int) -> str:
+def neighbourhood(image: ImageRecord, resolution: int) -> str:
     """The H3 cell (at the dedup resolution) a near-duplicate search is confined to."""
     import h3
 
-    cell = image["h3_cell"]
+    cell = image.h3_cell
     if cell is None:
         return NO_PLACE
     return cell if h3.get_resolution(cell) <= resolution else h3.cell_to_parent(cell, resolution)
 
 
-def near_step(item: tuple[str, Iterable[dict[str, Any]]], params: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Decisions for one neighbourhood: near copies, and the exact copies each image stands for."""
+def near_step(item: tuple[str, Iterable[ImageRecord]], params: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(dropped image, (shard, kept image, cell)) for the near copies within one neighbourhood."""
     from pipeline.curation.dedup import DedupImage, near_duplicates
 
-    images = {i["image_key"]: i for i in item[1]}
-    survivor = {k: k for k in images}
-    decisions = []
-    if len(images) > 1:
-        group = [DedupImage(key=k, phash=i["phash"], embedding=np.frombuffer(i["embedding"], "<f2"),
-                            lon=i["lon"], lat=i["lat"], ground_width_m=i["ground_width_m"], rank=_rank(i))
-                 for k, i in sorted(images.items())]
-        pairs = near_duplicates(group, params["max_hamming"], params["min_cosine"], params["max_offset_fraction"])
-        for dropped, kept in pairs:
-            survivor[dropped] = kept
-            decisions.append(_drop(images[dropped], "duplicate_near", images[kept], f"near copy in {item[0]}"))
-    for key, image in sorted(images.items()):
-        for copy in image["absorbed"]:
-            decisions.append(_drop(copy, "duplicate_exact", images[survivor[key]],
-                                   f"same sha256 {copy['sha256'][:16]} as {key}"))
-    return decisions
+    images = {i.image_key: i for i in item[1]}
+    if len(images) < 2:
+        return iter(())
+    group = [DedupImage(key=k, phash=i.phash, embedding=np.frombuffer(i.embedding, "<f2"), lon=i.lon, lat=i.lat,
+                        ground_width_m=i.ground_width_m, rank=_rank(i.score, k)) for k, i in sorted(images.items())]
+    pairs = near_duplicates(group, params["max_hamming"], params["min_cosine"], params["max_offset_fraction"])
+    return iter([(d, (images[d].shard, k, item[0])) for d, k in pairs])
+
+
+def _decision(image_key: str, shard: str, reason: str, kept: str, detail: str) -> tuple[str, Any]:
+    """A decision routed to the shard of the dropped image."""
+    return shard, ("drop", {"image_key": image_key, "reason": reason, "duplicate_of": kept, "detail": detail})
+
+
+def resolve_step(item: tuple[str, dict[str, list[Any]]]) -> Iterator[tuple[str, Any]]:
+    """Final decisions about one image key: its own near drop, and the exact copies it stood for (which
+    follow it to its near survivor when it was dropped too)."""
+    key, joined = item
+    near = joined["near"][0] if joined["near"] else None
+    if near is not None:
+        shard, kept, cell = near
+        yield _decision(key, shard, "duplicate_near", kept, f"near copy in H3 cell {cell}")
+    survivor = near[1] if near is not None else key
+    for dropped, shard, sha in sorted(joined["exact"]):
+        yield _decision(dropped, shard, "duplicate_exact", survivor, f"same sha256 {sha[:16]} as {key}")
 
 
 class WriteDedup(ShardStep):
@@ -129,16 +146,26 @@ def join_by_shard(tasks: beam.PCollection, decisions: beam.PCollection, stage: s
             | f"{stage}:Collect" >> beam.Map(grouped))
 
 
+def _not_dropped(image: ImageRecord, dropped: dict[str, str]) -> bool:
+    return image.image_key not in dropped
+
+
 def build(tasks: beam.PCollection, ctx: StageContext) -> Any:
-    """images -> exact (by sha256) -> near (by cell) -> decisions joined to shards -> write."""
+    """images -> exact (small records, by sha256) -> near (by cell, exact copies left out) -> resolve -> write."""
     clip_dir = storage.join(ctx.common["dir"], "clip")
     resolution = ctx.params["h3_resolution"]
     images = tasks | "dedup:Images" >> beam.FlatMap(_records, ctx, clip_dir)
-    decisions = (images
-                 | "dedup:BySha" >> beam.Map(lambda i: (i["sha256"], i))
-                 | "dedup:ShaGroups" >> beam.GroupByKey()
-                 | "dedup:Exact" >> beam.Map(exact_step)
-                 | "dedup:ByCell" >> beam.Map(lambda i: (neighbourhood(i, resolution), i))
-                 | "dedup:CellGroups" >> beam.GroupByKey()
-                 | "dedup:Near" >> beam.FlatMap(near_step, ctx.params))
+    exact = (images
+             | "dedup:BySha" >> beam.Map(lambda i: (i.sha256, (i.image_key, i.shard, i.score)))
+             | "dedup:ShaGroups" >> beam.GroupByKey()
+             | "dedup:Exact" >> beam.FlatMap(exact_step))
+    dropped = exact | "dedup:DroppedKeys" >> beam.Map(lambda kv: (kv[1][0], kv[0]))
+    near = (images
+            | "dedup:Survivors" >> beam.Filter(_not_dropped, beam.pvalue.AsDict(dropped))
+            | "dedup:ByCell" >> beam.Map(lambda i: (neighbourhood(i, resolution), i))
+            | "dedup:CellGroups" >> beam.GroupByKey()
+            | "dedup:Near" >> beam.FlatMap(near_step, ctx.params))
+    decisions = ({"near": near, "exact": exact}
+                 | "dedup:ByImage" >> beam.CoGroupByKey()
+                 | "dedup:Resolve" >> beam.FlatMap(resolve_step))
     return join_by_shard(tasks, decisions, "dedup") | "dedup:Write" >> beam.ParDo(WriteDedup(ctx))
