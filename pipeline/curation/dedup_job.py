@@ -3,9 +3,11 @@
 Images are the unit (rows sharing an image by one-sample-per-sentence captions go together). Exact copies
 are grouped by sha256 over the whole dataset with small records; near copies are searched only within one
 H3 cell (images without a location share one bucket) with perceptual hash, CLIP cosine and a distance
-test, so uniform scenes at different places never merge. Only the near step moves embeddings (one compact
-record per image, one shuffle). The kept copy is the best-scored (then the smallest key), and every
-`duplicate_of` names an image that is finally kept.
+test, so uniform scenes at different places never merge. Embeddings never travel through a Beam shuffle
+(runners such as FnApiRunner hold shuffles in memory): each shard writes its images' near-search records
+into hash partitions of neighbourhoods on storage, and one task per partition reads its files back, so a
+worker holds one partition (about `PARTITION_ROWS` images) at a time. The kept copy is the best-scored
+(then the smallest key), and every `duplicate_of` names an image that is finally kept.
 """
 
 from __future__ import annotations
@@ -39,24 +41,82 @@ class ImageRecord(NamedTuple):
     embedding: bytes  # float16 little-endian
 
 
-def _records(record: str, ctx: StageContext, clip_dir: str) -> Iterator[ImageRecord]:
-    """One record per image of a shard, its score the best of its rows."""
+PARTITION_ROWS = 20_000  # images per near-search partition (about 25 MB of records)
+
+
+def _identities(record: str, ctx: StageContext) -> Iterator[tuple[str, tuple[str, str, float]]]:
+    """(sha256, (image key, shard, best score)) per image of a shard: small records for the exact step."""
     shard = json.loads(record)["shard"]
+    best: dict[str, tuple[str, float]] = {}
+    table = io.read_table(ctx.input_dir, shard, ["image_key", "sha256", "clip_score"]).to_pydict()
+    for key, sha, score in zip(table["image_key"], table["sha256"], table["clip_score"], strict=True):
+        if key not in best or score > best[key][1]:
+            best[key] = (sha, float(score))
+    for key, (sha, score) in sorted(best.items()):
+        yield sha, (key, shard, score)
+
+
+def partition_of(neighbourhood_key: str, partitions: int) -> int:
+    """Stable partition of a neighbourhood (not Python's salted hash)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(neighbourhood_key.encode()).digest()[:8], "big") % partitions
+
+
+def _records(shard: str, ctx: StageContext, clip_dir: str, dropped: set[str] | dict[str, str]
+             ) -> list[ImageRecord]:
+    """One record per image of a shard not dropped as an exact copy, its score the best of its rows."""
     rows = io.read_table(ctx.input_dir, shard, ["image_key", "sha256", "lon", "lat", "gsd_m", "width", "h3_cell",
                                                 "clip_score"]).to_pylist()
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
         seen = best.get(row["image_key"])
-        if seen is None or row["clip_score"] > seen["clip_score"]:
+        if row["image_key"] not in dropped and (seen is None or row["clip_score"] > seen["clip_score"]):
             best[row["image_key"]] = row
-    emb = (io.read_table(clip_dir, shard, ["image_key", "phash", "embedding"], sub="embeddings").to_pydict()
-           if best else {"image_key": [], "phash": [], "embedding": []})
+    if not best:
+        return []
+    emb = io.read_table(clip_dir, shard, ["image_key", "phash", "embedding"], sub="embeddings").to_pydict()
     found = {k: (p, e) for k, p, e in zip(emb["image_key"], emb["phash"], emb["embedding"], strict=True)}
+    out = []
     for key, row in sorted(best.items()):
         phash, embedding = found[key]
         width = row["gsd_m"] * row["width"] if row["gsd_m"] and row["width"] else None
-        yield ImageRecord(key, shard, row["sha256"], float(row["clip_score"]), row["lon"], row["lat"], width,
-                          row["h3_cell"], phash, embedding)
+        out.append(ImageRecord(key, shard, row["sha256"], float(row["clip_score"]), row["lon"], row["lat"], width,
+                               row["h3_cell"], phash, embedding))
+    return out
+
+
+class WritePartitions(beam.DoFn):
+    """Spread one shard's surviving images over the near-search partitions (files on storage)."""
+
+    def __init__(self, ctx: StageContext, clip_dir: str, part_dir: str, partitions: int) -> None:
+        self.ctx, self.clip_dir, self.part_dir, self.partitions = ctx, clip_dir, part_dir, partitions
+
+    def process(self, record: str, dropped: dict[str, str]) -> Iterator[tuple[int, str]]:
+        """(partition, shard) for every partition this shard wrote to."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        shard = json.loads(record)["shard"]
+        resolution = self.ctx.params["h3_resolution"]
+        parts: dict[int, list[ImageRecord]] = {}
+        for image in _records(shard, self.ctx, self.clip_dir, dropped):
+            parts.setdefault(partition_of(neighbourhood(image, resolution), self.partitions), []).append(image)
+        for part, images in sorted(parts.items()):
+            table = pa.Table.from_pylist([i._asdict() for i in images])
+            with storage.atomic_write(storage.join(self.part_dir, f"{part:05d}", f"{shard}.parquet")) as local:
+                pq.write_table(table, local)
+            yield part, shard
+
+
+def _partition_images(item: tuple[int, Iterable[str]], part_dir: str) -> list[ImageRecord]:
+    """Read a partition's files back, in shard order."""
+    part, shards = item
+    records: list[ImageRecord] = []
+    for shard in sorted(set(shards)):
+        table = io.read_table(part_dir, shard, sub=f"{part:05d}")
+        records += [ImageRecord(**r) for r in table.to_pylist()]
+    return records
 
 
 def _rank(score: float, key: str) -> tuple[float, str]:
@@ -146,25 +206,32 @@ def join_by_shard(tasks: beam.PCollection, decisions: beam.PCollection, stage: s
             | f"{stage}:Collect" >> beam.Map(grouped))
 
 
-def _not_dropped(image: ImageRecord, dropped: dict[str, str]) -> bool:
-    return image.image_key not in dropped
+def near_in_partition(item: tuple[int, Iterable[str]], part_dir: str, params: dict[str, Any]
+                      ) -> Iterator[tuple[str, Any]]:
+    """Near decisions for every neighbourhood of one partition."""
+    groups: dict[str, list[ImageRecord]] = {}
+    for image in _partition_images(item, part_dir):
+        groups.setdefault(neighbourhood(image, params["h3_resolution"]), []).append(image)
+    for cell in sorted(groups):
+        yield from near_step((cell, groups[cell]), params)
 
 
 def build(tasks: beam.PCollection, ctx: StageContext) -> Any:
-    """images -> exact (small records, by sha256) -> near (by cell, exact copies left out) -> resolve -> write."""
+    """identities -> exact (by sha256) -> partitions on storage -> near (per partition) -> resolve -> write."""
     clip_dir = storage.join(ctx.common["dir"], "clip")
-    resolution = ctx.params["h3_resolution"]
-    images = tasks | "dedup:Images" >> beam.FlatMap(_records, ctx, clip_dir)
-    exact = (images
-             | "dedup:BySha" >> beam.Map(lambda i: (i.sha256, (i.image_key, i.shard, i.score)))
+    part_dir = storage.join(ctx.common["work_dir"], "dedup-partitions")
+    storage.remove_tree(part_dir)
+    partitions = max(1, -(-ctx.rows_in // PARTITION_ROWS))
+    exact = (tasks
+             | "dedup:Identities" >> beam.FlatMap(_identities, ctx)
              | "dedup:ShaGroups" >> beam.GroupByKey()
              | "dedup:Exact" >> beam.FlatMap(exact_step))
     dropped = exact | "dedup:DroppedKeys" >> beam.Map(lambda kv: (kv[1][0], kv[0]))
-    near = (images
-            | "dedup:Survivors" >> beam.Filter(_not_dropped, beam.pvalue.AsDict(dropped))
-            | "dedup:ByCell" >> beam.Map(lambda i: (neighbourhood(i, resolution), i))
-            | "dedup:CellGroups" >> beam.GroupByKey()
-            | "dedup:Near" >> beam.FlatMap(near_step, ctx.params))
+    near = (tasks
+            | "dedup:Partition" >> beam.ParDo(WritePartitions(ctx, clip_dir, part_dir, partitions),
+                                              beam.pvalue.AsDict(dropped))
+            | "dedup:PartitionsWritten" >> beam.GroupByKey()
+            | "dedup:Near" >> beam.FlatMap(near_in_partition, part_dir, ctx.params))
     decisions = ({"near": near, "exact": exact}
                  | "dedup:ByImage" >> beam.CoGroupByKey()
                  | "dedup:Resolve" >> beam.FlatMap(resolve_step))

@@ -37,6 +37,7 @@ class StageContext:
     input_dir: str
     output_dir: str
     progress_dir: str
+    rows_in: int = 0  # rows of the input (known after planning; sizes partitions)
 
     def load(self) -> tuple[CurationParams, Any]:
         """The validated params objects (on a worker)."""
@@ -124,6 +125,7 @@ def run_stage(stage: str, common: CurationParams, params: Any, build: Build, bea
         raise FileNotFoundError(f"{stage}: no metadata under {ctx.input_dir}/metadata: run the previous stage "
                                 "first (`dvc repro` runs them in order)")
     tasks = plan_tasks(ctx, global_inputs)
+    ctx.rows_in = tasks.total
     log.info("%s: %d shard(s), %d row(s) in", stage, len(tasks.records), tasks.total)
     pipeline = new_pipeline(common.runner, common.workers, beam_args)
     task_pcoll = pipeline | f"{stage}:Tasks" >> beam.Create(tasks.records) | f"{stage}:Spread" >> beam.Reshuffle()
