@@ -138,7 +138,8 @@ def curate(params: Path, stages: tuple[str, ...] = CURATION_STAGES) -> dict[str,
     out = {}
     for stage in stages:
         metrics = params.parent / f"{stage}.json"
-        assert main([stage, "--params", str(params), "--no-progress", "--metrics", str(metrics)]) == 0
+        extra = ["--preview", str(params.parent / "curate_preview.png")] if stage == "curate" else []
+        assert main([stage, "--params", str(params), "--no-progress", "--metrics", str(metrics), *extra]) == 0
         out[stage] = json.loads(metrics.read_text())
     return out
 
