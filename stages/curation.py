@@ -85,7 +85,7 @@ def add_parsers(subparsers: Any) -> None:
 def preflight(stage: str, params: Any) -> None:
     """Check in the driver what would otherwise fail inside every Beam worker (with a traceback)."""
     if stage == "clip":
-        from pipeline.curation.clip import check_model
+        from pipeline.curation.clip_model import check_model
 
         check_model(params)
     if stage == "caption" and params.vlm is not None and (

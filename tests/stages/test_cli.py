@@ -71,7 +71,7 @@ def test_curation_params_errors_name_the_key_and_the_fix(tmp_path: Path) -> None
 
 
 def test_unknown_clip_model_names_close_matches(tmp_path: Path) -> None:
-    from pipeline.curation.clip import load_clip
+    from pipeline.curation.clip_model import load_clip
     from pipeline.curation.params import ClipParams
     from pipeline.errors import ParamsError
 
