@@ -68,11 +68,16 @@ WorkItem = tuple[str, str, Any]
 
 
 class ClipModelHandler(ModelHandler[WorkItem, tuple[str, str, Any], ClipRuntime]):
-    """RunInference handler: one model per worker process, batches of exactly `batch_size`."""
+    """RunInference handler: one model per worker process, batches of exactly `batch_size`.
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    Images and captions run through separate RunInference transforms (`kind`), so every batch is one
+    kind and full: padding costs at most one partial batch of each per bundle.
+    """
+
+    def __init__(self, params: dict[str, Any], kind: str) -> None:
         super().__init__()
         self.params = ClipParams.model_validate(params)
+        self.kind = kind
 
     def load_model(self) -> ClipRuntime:
         """Called once per worker process by RunInference."""
@@ -164,7 +169,7 @@ class PrepareClip(beam.DoFn):
         self.cache = EmbeddingCache(self.params.cache_dir, model_id(self.params))
 
     def process(self, record: str) -> Iterator[Any]:
-        """Main output: (shard, ("task", record)); tagged `work`: (shard, work item) per cache miss."""
+        """Main output: (shard, ("task", record)); tagged `image` / `text`: (shard, work item) per cache miss."""
         task = json.loads(record)
         shard = task["shard"]
         yield shard, ("task", record)
@@ -180,9 +185,9 @@ class PrepareClip(beam.DoFn):
         data = io.read_images(self.common.harvest_dir, shard, {images[s] for s in missing_images})
         for sha in missing_images:
             if images[sha] in data:
-                yield beam.pvalue.TaggedOutput("work", (shard, ("image", sha, data[images[sha]])))
+                yield beam.pvalue.TaggedOutput("image", (shard, ("image", sha, data[images[sha]])))
         for sha in missing_texts:
-            yield beam.pvalue.TaggedOutput("work", (shard, ("text", sha, texts[sha])))
+            yield beam.pvalue.TaggedOutput("text", (shard, ("text", sha, texts[sha])))
 
 
 class WriteClip(ShardStep):
@@ -242,12 +247,14 @@ def _grouped(item: tuple[str, Iterable[tuple[str, Any]]]) -> tuple[str, dict[str
 
 def build(tasks: beam.PCollection, ctx: StageContext) -> Any:
     """tasks -> cache misses -> RunInference -> grouped by shard -> WriteClip."""
-    prepared = tasks | "clip:Prepare" >> beam.ParDo(PrepareClip(ctx)).with_outputs("work", main="task")
-    handler: Any = KeyedModelHandler(ClipModelHandler(ctx.params))
-    results = (prepared.work
-               | "clip:Embed" >> RunInference(handler)
-               | "clip:Tag" >> beam.MapTuple(lambda shard, result: (shard, ("result", result))))
-    return ((prepared.task, results)
+    prepared = tasks | "clip:Prepare" >> beam.ParDo(PrepareClip(ctx)).with_outputs("image", "text", main="task")
+    results = []
+    for kind in ("image", "text"):
+        handler: Any = KeyedModelHandler(ClipModelHandler(ctx.params, kind))
+        results.append(prepared[kind]
+                       | f"clip:Embed-{kind}" >> RunInference(handler)
+                       | f"clip:Tag-{kind}" >> beam.MapTuple(lambda shard, result: (shard, ("result", result))))
+    return ((prepared.task, *results)
             | "clip:Merge" >> beam.Flatten()
             | "clip:ByShard" >> beam.GroupByKey()
             | "clip:Collect" >> beam.Map(_grouped)
