@@ -248,12 +248,21 @@ def _grouped(item: tuple[str, Iterable[tuple[str, Any]]]) -> tuple[str, dict[str
 def build(tasks: beam.PCollection, ctx: StageContext) -> Any:
     """tasks -> cache misses -> RunInference -> grouped by shard -> WriteClip."""
     prepared = tasks | "clip:Prepare" >> beam.ParDo(PrepareClip(ctx)).with_outputs("image", "text", main="task")
-    results = []
-    for kind in ("image", "text"):
-        handler: Any = KeyedModelHandler(ClipModelHandler(ctx.params, kind))
-        results.append(prepared[kind]
-                       | f"clip:Embed-{kind}" >> RunInference(handler)
-                       | f"clip:Tag-{kind}" >> beam.MapTuple(lambda shard, result: (shard, ("result", result))))
+    image_handler: Any = KeyedModelHandler(ClipModelHandler(ctx.params, "image"))
+    images = (prepared.image
+              | "clip:Embed-image" >> RunInference(image_handler)
+              | "clip:Tag-image" >> beam.MapTuple(lambda shard, result: (shard, ("result", result))))
+    # captions repeat across shards (templates, shared sentences): embed each distinct one once per run
+    text_handler: Any = KeyedModelHandler(ClipModelHandler(ctx.params, "text"))
+    texts = (prepared.text
+             | "clip:TextBySha" >> beam.MapTuple(lambda shard, item: (item[1], (shard, item)))
+             | "clip:TextShards" >> beam.GroupByKey()
+             | "clip:DistinctText" >> beam.MapTuple(
+                 lambda sha, uses: (tuple(sorted({shard for shard, _ in uses})), next(iter(uses))[1]))
+             | "clip:Embed-text" >> RunInference(text_handler)
+             | "clip:Tag-text" >> beam.FlatMapTuple(
+                 lambda shards, result: [(shard, ("result", result)) for shard in shards]))
+    results = [images, texts]
     return ((prepared.task, *results)
             | "clip:Merge" >> beam.Flatten()
             | "clip:ByShard" >> beam.GroupByKey()
