@@ -2,6 +2,7 @@
 
     python benchmarks/clip_score.py                  # 8x the sample harvest (1,008 images), 3 repeats
     python benchmarks/clip_score.py --write          # ... and update the CLIP section of RESULTS.md
+    python benchmarks/clip_score.py --rerender --write   # the table again from results/clip_score.json
 
 Input: the sample harvest (data/harvest, 126 chips in 11 shards; run `dvc repro harvest` first) copied N times
 under new keys and shard names. Each copy's JPEGs get a comment segment naming the copy, so every image has

@@ -1,8 +1,9 @@
 """Deduplication at scale: the Beam `dedup` stage on 1 million synthetic images, and its pure kernel.
 
-    python benchmarks/dedup.py                       # 1,000 shards x 1,000 images, 1 and 2 workers
+    python benchmarks/dedup.py                       # 1,000 shards x 1,000 images, 1 and 2 workers, 3 repeats
     python benchmarks/dedup.py --write               # ... and update the dedup section of RESULTS.md
-    python benchmarks/dedup.py --shards 50           # a quick 50,000-image run
+    python benchmarks/dedup.py --keep /tmp/d1m       # generate into /tmp/d1m once (~1.1 GB), reuse it later
+    python benchmarks/dedup.py --shards 50 --repeats 1 --no-kernel   # a quick 50,000-image run
 
 The input is synthetic but shaped like a harvest: `--shards` shards of `--rows` images, each shard a few
 scenes of chips laid on a grid (width 256 px, GSD 0.5..30 m, so a chip covers 128 m..7.7 km) around one of
@@ -19,7 +20,8 @@ Measured, on the same input: `text2earth dedup` in a subprocess with `curation.w
 0.2 s, with a timeline kept in the JSON), and whether it found the planted copies (its rejected files
 against the planted list). The kernel: `pipeline.curation.dedup.near_duplicates` over the same
 neighbourhoods (res-7 H3 cells, after exact dedup), in a subprocess, from arrays loaded up front;
-building the `DedupImage` objects is timed apart from the search itself.
+building the `DedupImage` objects is timed apart from the search itself. Before every timed run the script
+waits until other processes use fewer than --quiet-cores cores, and records how much CPU they used meanwhile.
 """
 
 from __future__ import annotations
@@ -316,14 +318,19 @@ def check(root: Path) -> dict[str, Any]:
         "SELECT count(*) FROM rej WHERE image_key NOT IN (SELECT copy FROM planted) "
         "AND image_key NOT IN (SELECT original FROM planted)").fetchone()[0]
     meta = str(root / "filter" / "metadata" / "*.parquet")
-    missed = con.execute(
-        f"SELECT p.copy, a.h3_cell, b.h3_cell FROM planted p JOIN read_parquet('{meta}') a ON a.key = p.copy "
-        f"JOIN read_parquet('{meta}') b ON b.key = p.original WHERE p.kind = 'near' AND NOT EXISTS "
-        "(SELECT 1 FROM rej r WHERE r.image_key IN (p.copy, p.original))").fetchall()
-    other_cell = sum(1 for _, a, b in missed
-                     if a is not None and h3.cell_to_parent(a, 7) != h3.cell_to_parent(b, 7))
+    near = con.execute(
+        f"SELECT a.gsd_m, a.h3_cell, b.h3_cell, EXISTS (SELECT 1 FROM rej r WHERE r.image_key IN (p.copy, "
+        f"p.original)) FROM planted p JOIN read_parquet('{meta}') a ON a.key = p.copy "
+        f"JOIN read_parquet('{meta}') b ON b.key = p.original WHERE p.kind = 'near'").fetchall()
+    missed = [(a, b) for _, a, b, hit in near if not hit]
+    other_cell = sum(1 for a, b in missed if a is not None and h3.cell_to_parent(a, 7) != h3.cell_to_parent(b, 7))
+    by_gsd: dict[str, list[int]] = {}
+    for gsd, _, _, hit in near:
+        entry = by_gsd.setdefault("none" if gsd is None else f"{gsd:g}", [0, 0])
+        entry[0] += 1
+        entry[1] += 0 if hit else 1
     return {"by_reason": by_reason, "planted_found": found, "dropped_not_planted": unplanted,
-            "near_missed": len(missed), "near_missed_other_cell": other_cell}
+            "near_missed": len(missed), "near_missed_other_cell": other_cell, "near_by_gsd": by_gsd}
 
 
 # ---- the kernel -------------------------------------------------------------------------------------------
@@ -510,35 +517,56 @@ def machine_line(code: str) -> str:
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}, {code}")
 
 
+def _n(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
 def render(r: dict[str, Any]) -> str:
     info = r["input"]
     n = info["rows"]
-    lines = [f"{r['machine']}; medians of {max(len(v) for v in r['runs'].values())} run(s); other processes used "
-             f"at most {r['other_cores_max']:.2f} cores during a timed run.", "",
+    repeats = max(len(v) for v in r["runs"].values())
+    lines = [f"{r['machine']}; medians of {repeats} interleaved run(s); other processes used at most "
+             f"{r['other_cores_max']:.2f} cores during a timed run.", "",
              f"Input: {n:,} images in {info['shards']:,} shards; planted {info['planted_exact']:,} exact and "
              f"{info['planted_near']:,} near copies (generated in {info['generate_s']:.0f} s).", "",
-             "| run | job s | wall s | images/s (wall) | peak RSS GiB | CPU s | exact dropped | near dropped "
-             "| planted exact found | planted near found | dropped, not planted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | job s (each run) | wall s | images/s (job) | peak RSS GiB | CPU s | exact dropped "
+             "| near dropped | planted pairs found (exact / near) | dropped, not planted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    missed = []
     for key in sorted(k for k in r if k.startswith("w") and k[1:].isdigit()):
         w = int(key[1:])
         s = r[key]
-        c = r["checks"].get(w) or r["checks"].get(str(w)) or {}
-        job = f"{s['job_s']:.0f}" if s["job_s"] is not None else f"failed ({s['failed']})"
+        c = r["checks"].get(str(w)) or r["checks"].get(w) or {}  # JSON keys are strings
+        each = ", ".join(f"{x['job_s']:.0f}" if x["job_s"] is not None else "failed"
+                         for x in r["runs"].get(str(w)) or r["runs"].get(w))
+        job = f"{s['job_s']:.0f} ({each})" if s["job_s"] is not None else f"failed ({each})"
+        rate = f"{n / s['job_s']:,.0f}" if s["job_s"] is not None else "–"
         reasons = c.get("by_reason", {})
         found = c.get("planted_found", {})
         lines.append(
-            f"| Beam `dedup`, {w} worker(s) | {job} | {s['wall_s']:.0f} | {n / s['wall_s']:,.0f} | "
-            f"{s['peak_rss_gib']:.2f} | {s['cpu_s']:.0f} | {reasons.get('duplicate_exact', '–')} | "
-            f"{reasons.get('duplicate_near', '–')} | {found.get('exact', '–')} | {found.get('near', '–')} | "
-            f"{c.get('dropped_not_planted', '–')} |")
+            f"| Beam `dedup`, {w} worker{'s' if w > 1 else ''} | {job} | {s['wall_s']:.0f} | {rate} | "
+            f"{s['peak_rss_gib']:.2f} | {s['cpu_s']:.0f} | {_n(reasons.get('duplicate_exact'))} | "
+            f"{_n(reasons.get('duplicate_near'))} | {_n(found.get('exact'))} / {_n(found.get('near'))} | "
+            f"{_n(c.get('dropped_not_planted'))} |")
+        if c:
+            missed.append((c["near_missed"], c["near_missed_other_cell"], c.get("near_by_gsd")))
     k = r.get("kernel")
     if k:
-        lines.append(f"| kernel `near_duplicates` only | {k['total_s']:.0f} | – | {n / k['total_s']:,.0f} | "
-                     f"{k['peak_rss_gib']:.2f} | – | – | {k['near_pairs']} | – | – | – |")
-        lines += ["", f"Kernel: {k['groups']:,} neighbourhoods (largest {k['largest_group']:,} images) after exact "
-                  f"dedup ({k['after_exact']:,} images); loading arrays {k['load_s']:.0f} s, building DedupImage "
-                  f"objects {k['build_s']:.0f} s, `near_duplicates` {k['search_s']:.0f} s."]
+        each = ", ".join(f"{x['total_s']:.0f}" for x in r["kernel_runs"])
+        lines.append(f"| `near_duplicates` kernel only (no Beam, no files) | {k['total_s']:.0f} ({each}) | – | "
+                     f"{n / k['total_s']:,.0f} | {k['peak_rss_gib']:.2f} (all arrays loaded) | – | – | "
+                     f"{k['near_pairs']:,} | – | – |")
+        lines += ["", f"Kernel: {k['groups']:,} neighbourhoods (res-7 H3 cells and one bucket for images without a "
+                  f"place; the largest holds {k['largest_group']:,} images) after exact dedup ({k['after_exact']:,} "
+                  f"images); loading the arrays {k['load_s']:.0f} s, building `DedupImage` objects "
+                  f"{k['build_s']:.0f} s, `near_duplicates` itself {k['search_s']:.0f} s."]
+    for count, other_cell, by_gsd in missed[:1]:
+        lines += ["", f"Planted near copies not found: {count:,} of {info['planted_near']:,}; {other_cell:,} of them "
+                  "lie in another res-7 H3 cell than their original (the search is confined to one cell)."]
+        if by_gsd:
+            lines.append("Missed by GSD (m: missed / planted): " + ", ".join(
+                f"{g}: {m} / {t} ({m / t:.1%})" for g, (t, m) in sorted(
+                    by_gsd.items(), key=lambda kv: float("inf") if kv[0] == "none" else float(kv[0]))) + ".")
     return "\n".join(lines)
 
 
