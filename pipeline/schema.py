@@ -171,6 +171,36 @@ CURATION_REASONS: dict[str, str] = {
 }
 
 
+def _published_columns() -> tuple[Column, ...]:
+    """The curated columns as published: `shard` names the published tar, `level` 0 means unknown, + split."""
+    redescribed = {
+        "shard": "Published shard (`shards/{shard}.tar`) that holds `{key}.jpg|png`, `{key}.txt` and `{key}.json`.",
+        "level": "Text2Earth resolution level round(17 - log2(gsd_m)) (Google zoom level: 2^(17-level) m/px); "
+                 "0 when the GSD is unknown (Text2Earth's null resolution). The metadata is Hive-partitioned "
+                 "on it (`metadata/level=L/`).",
+    }
+    base = tuple(Column(c.name, pa.int16() if c.name == "level" else c.type, redescribed.get(c.name, c.description))
+                 for c in CURATED_COLUMNS)
+    return (
+        *base,
+        Column("split", _STR, "`train`, `val` or `test`, assigned per geographic block (the H3 parent cell at "
+               "`publish.split_h3_resolution` of the chip centre), so neighbouring chips share a split; "
+               "samples without a location keep their source's split, else one per scene."),
+    )
+
+
+PUBLISHED_COLUMNS: tuple[Column, ...] = _published_columns()
+
+PUBLISHED_REJECTED_COLUMNS: tuple[Column, ...] = tuple(
+    Column(c.name, c.type, "Stage that dropped it: `harvest`, a curation stage (`caption`, `clip`, `filter`, "
+           "`dedup`, `curate`) or `publish`.") if c.name == "stage" else c
+    for c in CURATION_REJECTED_COLUMNS)
+
+PUBLISH_REASONS: dict[str, str] = {
+    "image_missing": "The image is not in its harvest shard any more (the harvest changed after curation).",
+}
+
+
 def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
     """Build the Arrow schema, with each description kept as field metadata for the cards."""
     return pa.schema(
@@ -182,6 +212,8 @@ HARVEST_SCHEMA = arrow_schema(HARVEST_COLUMNS)
 REJECTED_SCHEMA = arrow_schema(REJECTED_COLUMNS)
 CURATED_SCHEMA = arrow_schema(CURATED_COLUMNS)
 CURATION_REJECTED_SCHEMA = arrow_schema(CURATION_REJECTED_COLUMNS)
+PUBLISHED_SCHEMA = arrow_schema(PUBLISHED_COLUMNS)
+PUBLISHED_REJECTED_SCHEMA = arrow_schema(PUBLISHED_REJECTED_COLUMNS)
 
 
 def markdown_table(columns: tuple[Column, ...]) -> str:

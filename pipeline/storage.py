@@ -84,3 +84,9 @@ def read_bytes(url: str) -> bytes:
     """Whole content of a (small) file."""
     with fsspec.open(url, "rb") as fh:
         return fh.read()
+
+
+def exists(url: str) -> bool:
+    """True when a file or folder exists at `url`."""
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))

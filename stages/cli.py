@@ -13,7 +13,7 @@ import sys
 
 from pipeline.beam_worker import DropHarnessChatter
 from pipeline.errors import Text2EarthError
-from stages import curation, harvest
+from stages import cards, curation, harvest, publish
 
 DESCRIPTION = """\
 text2earth rebuilds a Git-10M-style remote-sensing image-text dataset and trains the Text2Earth
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     harvest.add_parser(subparsers)
     curation.add_parsers(subparsers)
+    publish.add_parsers(subparsers)
+    cards.add_parser(subparsers)
     return parser
 
 

@@ -150,3 +150,40 @@ def sample_curation(sample_harvest: Path, tmp_path_factory: pytest.TempPathFacto
     params = curation_params(tmp_path_factory.mktemp("curation"), sample_harvest)
     curate(params)
     return params
+
+
+def publish_params(curation_params_path: Path, tmp: Path, **publish: Any) -> Path:
+    """A params.yaml that publishes the curation of `curation_params_path` into `tmp/git10m`."""
+    base = yaml.safe_load(curation_params_path.read_text())
+    tmp.mkdir(parents=True, exist_ok=True)
+    base["publish"] = {**base["publish"], "curated_dir": base["curation"]["output_dir"],
+                       "harvest_dir": base["curation"]["harvest_dir"], "dir": str(tmp / "git10m"),
+                       "work_dir": str(tmp / "work"), **publish}
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def publish(params: Path, *args: str) -> dict[str, Any]:
+    """Run `text2earth publish` in-process; return its metrics."""
+    import json
+
+    from stages.cli import main
+
+    metrics = params.parent / "publish.json"
+    assert main(["publish", "--params", str(params), "--no-progress", "--metrics", str(metrics), *args]) == 0
+    return json.loads(metrics.read_text())
+
+
+@pytest.fixture(scope="session")
+def sample_publish(sample_curation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample curation published once (shards of 32); returns its params file."""
+    params = publish_params(sample_curation, tmp_path_factory.mktemp("publish"))
+    publish(params)
+    return params
+
+
+@pytest.fixture(scope="session")
+def published(sample_publish: Path) -> str:
+    """The published sample dataset folder (read-only: tests that change it make a copy)."""
+    return str(sample_publish.parent / "git10m")

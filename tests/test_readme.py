@@ -6,11 +6,13 @@ to rewrite those result blocks after a deliberate change to the sample or the ha
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 import yaml
 
@@ -26,10 +28,11 @@ from pipeline.schema import (
     markdown_table,
     reasons_table,
 )
-from tests.conftest import REPO, curate
+from tests.conftest import REPO, curate, publish, publish_params
 
 README = REPO / "README.md"
 QUERY = re.compile(r"```sql\n(?P<sql>.*?)```\n+```text\n(?P<out>.*?)```", re.S)
+VIEWS_SNIPPET = re.compile(r"```python\n(?P<code>import duckdb\n.*?CREATE VIEW.*?)```", re.S)
 
 
 def render(relation: duckdb.DuckDBPyRelation) -> str:
@@ -52,21 +55,54 @@ def readme_curation(sample_harvest: Path, tmp_path_factory: pytest.TempPathFacto
     return tmp
 
 
+@pytest.fixture(scope="module")
+def readme_published(readme_curation: Path) -> Path:
+    """The README's curation published with the repo's publish params."""
+    params = publish_params(readme_curation / "params.yaml", readme_curation / "publish")
+    publish(params)
+    return readme_curation / "publish" / "git10m"
+
+
 def test_readme_duckdb_queries_return_what_it_shows(sample_harvest: Path, readme_curation: Path,
-                                                    tmp_path: Path) -> None:
+                                                    readme_published: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from stages.cli import main
+
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "harvest").symlink_to(sample_harvest)
     (tmp_path / "data" / "curation").symlink_to(readme_curation / "curation")
     (tmp_path / "data" / "curated").symlink_to(readme_curation / "curated")
+    (tmp_path / "data" / "git10m").symlink_to(readme_published)
     text = README.read_text()
     matches = list(QUERY.finditer(text))
-    assert len(matches) >= 3
+    assert len(matches) >= 8
+    snippet = VIEWS_SNIPPET.search(text)
+    assert snippet, "the README shows how to open the views in plain DuckDB"
     cwd = os.getcwd()
-    os.chdir(tmp_path)  # the queries use the relative path data/harvest/, as a user types them
+    os.chdir(tmp_path)  # the queries use relative paths (data/harvest/, data/git10m/), as a user types them
     try:
-        results = [render(duckdb.sql(m["sql"])) for m in matches]
+        scope: dict = {}
+        exec(snippet["code"], scope)  # the README's plain-DuckDB views, as written
+        capsys.readouterr()
+        con = scope["con"]
+        results = [render(con.sql(m["sql"])) for m in matches]
+        via_cli = {}
+        for m in matches:
+            if re.search(r"\bFROM (samples|rejected|funnel)\b", m["sql"]):
+                assert main(["query", m["sql"], "--format", "csv", "--dir", "data/git10m"]) == 0
+                via_cli[m["sql"]] = capsys.readouterr().out
     finally:
         os.chdir(cwd)
+    assert len(via_cli) >= 5
+    for m in matches:
+        if m["sql"] in via_cli:  # `text2earth query` gives the same rows as plain DuckDB
+            cli = pd.read_csv(io.StringIO(via_cli[m["sql"]]))
+            os.chdir(tmp_path)
+            try:
+                direct = con.sql(m["sql"]).df()
+            finally:
+                os.chdir(cwd)
+            pd.testing.assert_frame_equal(cli, direct, check_dtype=False)
     if os.environ.get("UPDATE_README"):
         for m, result in reversed(list(zip(matches, results, strict=True))):
             text = text[: m.start("out")] + result + text[m.end("out"):]

@@ -26,12 +26,23 @@ from pipeline.shard_writer import FINGERPRINT_KEY, geo_metadata
 INCOMPLETE = ":incomplete"  # suffix of a fingerprint whose shard must be redone next run (transient failures)
 
 
-def code_fingerprint() -> str:
-    """Hash of every pipeline module: new code means curation outputs are rebuilt, not reused."""
+LATER_PACKAGES = ("publish", "cards")  # stages after curation: their code never invalidates curation outputs
+
+
+def code_fingerprint(include: Sequence[str] = ()) -> str:
+    """Hash of the pipeline modules a stage runs: new code means its outputs are rebuilt, not reused.
+
+    Curation stages hash every module but those of later stages (`LATER_PACKAGES`); a later stage
+    names its own package in `include`.
+    """
     root = Path(__file__).resolve().parents[1]
+    skip = set(LATER_PACKAGES) - set(include)
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
+        relative = path.relative_to(root)
+        if relative.parts[0] in skip:
+            continue
+        digest.update(str(relative).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

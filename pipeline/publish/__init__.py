@@ -1,0 +1,1 @@
+"""Publishing: final WebDataset shards, GeoParquet metadata and checksums (data/git10m)."""
