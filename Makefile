@@ -4,6 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
+# Debian's Chromium: the data-card site tests open every page in it, headless (installed once if missing)
+BROWSER := /usr/bin/chromium
+
 .PHONY: setup test
 
 $(STAMP): pyproject.toml
@@ -14,5 +17,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	. $(VENV)/bin/activate && dvc repro
 
-test: $(STAMP)
+$(BROWSER):
+	@echo "installing Debian's chromium (headless browser for the data-card tests)"
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get install -y -q chromium || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium)
+
+test: $(STAMP) $(BROWSER)
 	. $(VENV)/bin/activate && NO_ALBUMENTATIONS_UPDATE=1 pytest -q

@@ -1,5 +1,5 @@
-"""The DVC graph: `dvc repro` runs harvest then every curation stage, and a changed CLIP threshold re-runs
-only the filter and what follows it."""
+"""The DVC graph: `dvc repro` runs harvest, every curation stage, publish and cards; a changed CLIP threshold
+re-runs only the filter and what follows it, and a publish setting only publish and cards."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ def _repro(cwd: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_repro_runs_every_stage_and_a_threshold_change_reruns_only_filter_onwards(tmp_path: Path) -> None:
+def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_path: Path) -> None:
     work = tmp_path / "project"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in files.splitlines():
-        if (REPO / name).is_file() and not name.startswith(("data/curation/", "data/curated/", "metrics/")):
+        if (REPO / name).is_file() and not name.startswith(("data/curation/", "data/curated/", "data/git10m/", "data_cards/", "metrics/")):
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, work / name)
     (work / "dvc.lock").unlink()
@@ -38,8 +38,14 @@ def test_repro_runs_every_stage_and_a_threshold_change_reruns_only_filter_onward
     params["clip"].update({"model": "clip-tiny-test", "model_config_path": str(CLIP_TINY), "batch_size": 8,
                            "cache_dir": str(tmp_path / "cache")})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _repro(work) == ["harvest", "geo", "caption", "clip", "filter", "dedup", "curate"]
+    everything = ["harvest", "geo", "caption", "clip", "filter", "dedup", "curate", "publish", "cards"]
+    assert _repro(work) == everything
+    assert (work / "data" / "git10m" / "checksums.sha256").exists()
+    assert (work / "data_cards" / "croissant.json").exists() and (work / "data_cards" / "site" / "index.html").exists()
     assert _repro(work) == []
     params["filter"]["top_percent"] = 50
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _repro(work) == ["filter", "dedup", "curate"]
+    assert _repro(work) == ["filter", "dedup", "curate", "publish", "cards"]
+    params["publish"]["samples_per_shard"] = 16
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _repro(work) == ["publish", "cards"]

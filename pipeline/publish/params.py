@@ -42,7 +42,7 @@ class PublishParams(_Strict):
                           "markers (lets an interrupted run resume); not part of the outputs.")
     shard_prefix: str = Field("git10m", pattern=r"^[A-Za-z0-9_-]+$", description="Shard names: {prefix}-000000.tar.")
     samples_per_shard: int = Field(10_000, ge=1, description="Samples per tar (the last one holds the rest).")
-    split: SplitParams = Field(default_factory=SplitParams)
+    split: SplitParams = Field(default_factory=lambda: SplitParams(train=0.9, val=0.05, test=0.05))
     split_h3_resolution: int = Field(3, ge=0, le=15, description="Geographic blocks of the split: H3 parent "
                                      "cells at this resolution (3: about 12,000 km^2).")
     seed: int = Field(0, description="Changes which blocks go to which split and how shards mix sources.")
