@@ -229,6 +229,10 @@ def build_croissant(facts: DatasetFacts, lineage: dict[str, Any]) -> dict[str, A
         "recordSet": [_samples_record_set(facts), _images_record_set(facts)],
         **rai_fields(facts, lineage),
     }
+    if lineage.get("version"):
+        doc["version"] = lineage["version"]
+    if lineage.get("commit_date"):
+        doc["datePublished"] = lineage["commit_date"]
     return doc
 
 

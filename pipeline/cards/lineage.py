@@ -29,6 +29,27 @@ def git_commit(repo_dir: Path) -> str | None:
     return commit if out.returncode == 0 and commit else None
 
 
+def git_commit_date(repo_dir: Path) -> str | None:
+    """Committer date (YYYY-MM-DD) of HEAD: the release date the Croissant file states, stable per commit."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs"], cwd=repo_dir, capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    date = out.stdout.strip()
+    return date if out.returncode == 0 and date else None
+
+
+def package_version() -> str:
+    """The installed text2earth version (the dataset's version follows the code that built it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("text2earth")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
 def _entries(items: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """dvc.lock deps/outs as sorted {path, md5, size, nfiles} records (keys absent in the lock are left out)."""
     keep = ("path", "md5", "size", "nfiles")
@@ -65,9 +86,11 @@ def read_params(params_path: Path) -> dict[str, Any]:
 def gather_lineage(params_path: Path, dvc_lock: Path, repo_dir: Path | None = None) -> dict[str, Any]:
     """The lineage record the README, the Croissant file and the site print.
 
-    Keys: `commit` (git HEAD, or None), `dvc_lock` ({stage: {cmd, deps, outs, params}}, every stage but
+    Keys: `commit` (git HEAD, or None), `commit_date`, `version` (of text2earth), `dvc_lock`
+    ({stage: {cmd, deps, outs, params}}, every stage but
     `cards`), `dvc_lock_path`, `params` (the whole params.yaml) and `params_file`.
     """
-    return {"commit": git_commit(repo_dir or params_path.resolve().parent),
+    repo = repo_dir or params_path.resolve().parent
+    return {"commit": git_commit(repo), "commit_date": git_commit_date(repo), "version": package_version(),
             "dvc_lock": read_dvc_lock(dvc_lock), "dvc_lock_path": str(dvc_lock),
             "params": read_params(params_path), "params_file": str(params_path)}
