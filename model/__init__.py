@@ -1,5 +1,22 @@
-"""The Text2Earth resolution-conditioned latent diffusion model: training, evaluation and generation.
+"""The Text2Earth resolution-conditioned latent diffusion model: components, training and generation.
 
-Not built yet: it arrives with the model issue (`Text2EarthPipeline`, DCA training, evaluation). The
-package exists so the project layout, imports and packaging are in place from the start.
+`from model import Text2EarthPipeline` is resolved lazily, so importing `model.config` (params validation, the
+CLI) does not pull in torch, diffusers and transformers.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.pipeline import Text2EarthPipeline
+
+__all__ = ["Text2EarthPipeline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Text2EarthPipeline":
+        from model.pipeline import Text2EarthPipeline
+
+        return Text2EarthPipeline
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -1,0 +1,330 @@
+"""Text2EarthPipeline: text- and resolution-guided generation with joint classifier-free guidance.
+
+One guidance term nulls both conditions (the paper's dynamic condition adaptation):
+eps = eps(null text, null level) + s * (eps(text, level) - eps(null text, null level)), s = 1 + omega.
+Text-only generation leaves the level null (0); resolution-only generation uses the empty prompt. The
+released checkpoint's `"{level}_GOOGLE_LEVEL_{caption}"` prompts still work: the prefix becomes the level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from transformers import PreTrainedModel
+
+from model.autoencoder import decode, downsample_factor
+from model.config import MAX_LEVEL, NULL_LEVEL, gsd_level
+from model.unet import predict_noise, unet_conditioning
+from pipeline.errors import Text2EarthError
+
+__all__ = ["GenerationInputError", "Text2EarthPipeline", "Text2EarthPipelineOutput", "split_level_prefix"]
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+LEVEL_PREFIX = re.compile(r"^\s*(\d+)_GOOGLE_LEVEL_(.*)$", re.DOTALL)
+
+
+class GenerationInputError(Text2EarthError, ValueError):
+    """An argument of a generation call is missing, inconsistent or out of range."""
+
+
+@dataclass
+class Text2EarthPipelineOutput(BaseOutput):
+    """The images and the level each was generated at (0 = unknown), one per image."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    levels: list[int]
+
+
+def split_level_prefix(prompt: str) -> tuple[int | None, str]:
+    """Split the released model's `"{level}_GOOGLE_LEVEL_{caption}"` prompt into (level, caption)."""
+    match = LEVEL_PREFIX.match(prompt)
+    if match is None:
+        return None, prompt
+    return int(match.group(1)), match.group(2)
+
+
+def _per_prompt(value: Any, batch: int, name: str) -> list[Any]:
+    """Broadcast a scalar to every prompt, or check that a list has one entry per prompt."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != batch:
+            raise GenerationInputError(f"`{name}` has {len(value)} entries for {batch} prompts: give one per "
+                                       "prompt or a single value")
+        return list(value)
+    return [value] * batch
+
+
+def _load_component(directory: Path, library: str, class_name: str, dtype: torch.dtype | None) -> Any:
+    """One saved component, by the library and class its model_index.json entry names."""
+    component_class = getattr(importlib.import_module(library), class_name)
+    options: dict[str, Any] = {}
+    if dtype is not None and issubclass(component_class, PreTrainedModel):
+        options["dtype"] = dtype
+    elif dtype is not None and issubclass(component_class, nn.Module):
+        options["torch_dtype"] = dtype
+    return component_class.from_pretrained(directory, **options)
+
+
+class Text2EarthPipeline(DiffusionPipeline):
+    """Latent diffusion in the Stable Diffusion 2 layout whose UNet also takes the resolution level.
+
+    Components: `vae` (AutoencoderKL, or the TAEF2 tiny autoencoder of the `tiny` size), `text_encoder`
+    (CLIPTextModel), `tokenizer` (CLIPTokenizer), `unet` (level as `class_labels`, see `model.unet`) and any
+    diffusers `scheduler`. Load the released `lcybuaa/Text2Earth` weights or our trained models with
+    `Text2EarthPipeline.from_pretrained(dir)` (diffusers' own `DiffusionPipeline.from_pretrained` cannot find
+    this class).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"  # type: ignore[assignment]  # None in the base class
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    unet: Any
+    scheduler: Any
+
+    def __init__(self, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, unet: UNet2DConditionModel,
+                 scheduler: SchedulerMixin) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+                        ) -> Text2EarthPipeline:
+        """Load a pipeline directory: one we saved, the released Text2Earth, or any SD2-style checkpoint.
+
+        Each of the five components is loaded with the class model_index.json names for it. We do this instead
+        of diffusers because it finds a loader for a class outside diffusers (our TAEF2 autoencoder,
+        `Text2EarthUNet`) only through base-class names imported into that class's module. Entries this pipeline
+        does not take (the released `safety_checker`, `feature_extractor`) are ignored. Options: `torch_dtype`,
+        and any component as a ready object (e.g. `scheduler=...`). A path that is no local directory (a hub id)
+        goes to diffusers' own loader.
+        """
+        root = Path(pretrained_model_name_or_path)
+        index_path = root / "model_index.json"
+        if not index_path.is_file():
+            loaded: Text2EarthPipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return loaded
+        index = json.loads(index_path.read_text())
+        dtype = kwargs.pop("torch_dtype", None)
+        components = {name: kwargs.pop(name) for name in COMPONENTS if name in kwargs}
+        if kwargs:
+            raise TypeError(f"Text2EarthPipeline.from_pretrained({str(root)!r}): unsupported options "
+                            f"{sorted(kwargs)}; it takes torch_dtype and the components {list(COMPONENTS)}")
+        for name in COMPONENTS:
+            if name in components:
+                continue
+            entry = index.get(name)
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
+                raise Text2EarthError(f"{index_path}: no `{name}` component; a Text2Earth checkpoint needs "
+                                      f"{list(COMPONENTS)}")
+            components[name] = _load_component(root / name, entry[0], entry[1], dtype)
+        return cls(**components)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How much smaller the latents are than the images (8 for SD2's KL autoencoder and TAEF2)."""
+        return downsample_factor(self.vae)
+
+    # --- conditions ------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[str], num_images_per_prompt: int = 1,
+                      device: torch.device | None = None) -> torch.Tensor:
+        """CLIP text embeddings (last hidden state, 77 tokens, as SD2), each repeated `num_images_per_prompt`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        device = device or self._execution_device
+        embeds: torch.Tensor = self.text_encoder(ids.to(device))[0]
+        return embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+    def resolve_levels(self, batch: int, resolution_level: int | Sequence[int | None] | None,
+                       gsd_m: float | Sequence[float] | None, prefix_levels: Sequence[int | None] | None = None,
+                       ) -> tuple[list[int], list[float]]:
+        """Per-prompt (level, GSD in metres or nan): explicit level, else `gsd_m`, else the prompt prefix, else 0."""
+        if resolution_level is not None and gsd_m is not None:
+            raise GenerationInputError("give either `resolution_level` or `gsd_m`, not both")
+        if resolution_level is not None:
+            levels = [NULL_LEVEL if level is None else int(level)
+                      for level in _per_prompt(resolution_level, batch, "resolution_level")]
+            gsds = [math.nan] * batch
+        elif gsd_m is not None:
+            gsds = [float(g) for g in _per_prompt(gsd_m, batch, "gsd_m")]
+            bad = [g for g in gsds if not (math.isfinite(g) and g > 0)]
+            if bad:
+                raise GenerationInputError(f"`gsd_m` must be positive metres per pixel, got {bad}")
+            levels = [gsd_level(g) for g in gsds]
+        else:
+            levels = [NULL_LEVEL if p is None else p for p in (prefix_levels or [None] * batch)]
+            gsds = [math.nan] * batch
+        bad_levels = [level for level in levels if not NULL_LEVEL <= level <= MAX_LEVEL]
+        if bad_levels:
+            raise GenerationInputError(f"resolution levels must lie in {NULL_LEVEL}..{MAX_LEVEL} "
+                                       f"({NULL_LEVEL} = unknown), got {bad_levels}")
+        return levels, gsds
+
+    # --- one denoising step ----------------------------------------------------------------------------------
+
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor | int, text_embeds: torch.Tensor,
+                      levels: torch.Tensor, *, gsd_m: torch.Tensor | None = None,
+                      metadata: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One UNet call: the noise predicted under these text embeddings and levels (0 = null)."""
+        return predict_noise(self.unet, latents, t, text_embeds, levels, gsd_m=gsd_m, metadata=metadata)
+
+    def guided_noise(self, latents: torch.Tensor, t: torch.Tensor | int, text_embeds: torch.Tensor,
+                     levels: torch.Tensor, null_text_embeds: torch.Tensor | None, guidance_scale: float, *,
+                     gsd_m: torch.Tensor | None = None, metadata: Mapping[str, torch.Tensor] | None = None,
+                     ) -> torch.Tensor:
+        """Joint guidance eps_u + s * (eps_c - eps_u), eps_u with null text and null level (and metadata).
+
+        s == 1 (or no null text) is the conditional prediction alone, so the unconditional pass is skipped.
+        Both branches run as one batch of twice the size.
+        """
+        if guidance_scale == 1 or null_text_embeds is None:
+            return self.predict_noise(latents, t, text_embeds, levels, gsd_m=gsd_m, metadata=metadata)
+        null_levels = torch.full_like(levels, NULL_LEVEL)
+        both_gsd = None if gsd_m is None else torch.cat([torch.full_like(gsd_m, math.nan), gsd_m])
+        both_metadata = None if metadata is None else {
+            name: torch.cat([torch.full_like(value, math.nan), value]) for name, value in metadata.items()}
+        noise = self.predict_noise(torch.cat([latents, latents]), t, torch.cat([null_text_embeds, text_embeds]),
+                                   torch.cat([null_levels, levels]), gsd_m=both_gsd, metadata=both_metadata)
+        unconditional, conditional = noise.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    # --- generation ------------------------------------------------------------------------------------------
+
+    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+        """Pass the generator to schedulers whose step draws noise (DDPM, DDIM with eta), nothing to others."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if "generator" in accepted else {}
+
+    def _check_size(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple:
+            raise GenerationInputError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        resolution_level: int | list[int | None] | None = None,
+        gsd_m: float | list[float] | None = None,
+        height: int = 256,
+        width: int = 256,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        metadata: Mapping[str, float | Sequence[float]] | None = None,
+    ) -> Text2EarthPipelineOutput | tuple[Any, list[int]]:
+        """Generate images for prompts at resolution levels.
+
+        `resolution_level` (int, or one per prompt; 0 = unknown) or `gsd_m` (metres per pixel, mapped to the
+        nearest level, or used directly by a log-GSD model) set the resolution; without either, a
+        `"{level}_GOOGLE_LEVEL_"` prefix on the prompt does. `guidance_scale` is s = 1 + omega (4 is the paper's
+        best); 1 skips the unconditional pass. `negative_prompt` replaces the empty prompt of the unconditional
+        branch, whose level stays 0. `metadata` ({"lon": ..., "lat": ..., "month": ...}) feeds a UNet built with
+        metadata embeddings. `output_type`: "pil", "np", "pt" or "latent".
+        """
+        # 1. check inputs
+        if (prompt is None) == (prompt_embeds is None):
+            raise GenerationInputError("give exactly one of `prompt` and `prompt_embeds`")
+        if num_images_per_prompt < 1:
+            raise GenerationInputError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise GenerationInputError(f"`output_type` must be pil, np, pt or latent, got {output_type!r}")
+        self._check_size(height, width)
+        conditioning = unet_conditioning(self.unet)
+        unknown = sorted(set(metadata or {}) - set(conditioning.metadata if conditioning else []))
+        if unknown:
+            raise GenerationInputError(f"`metadata` names {unknown}, which this UNet does not take; it takes "
+                                       f"{conditioning.metadata if conditioning else []}")
+        captions: list[str] | None = None
+        prefix_levels: list[int | None] | None = None
+        if prompt is not None:
+            split = [split_level_prefix(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+            prefix_levels = [level for level, _ in split]
+            captions = [caption for _, caption in split]
+            batch = len(captions)
+        else:
+            assert prompt_embeds is not None
+            batch = prompt_embeds.shape[0]
+        levels, gsds = self.resolve_levels(batch, resolution_level, gsd_m, prefix_levels)
+        device = self._execution_device
+        n = num_images_per_prompt
+
+        # 2. encode the conditions (one row per image)
+        if prompt_embeds is None:
+            assert captions is not None
+            text_embeds = self.encode_prompt(captions, n, device)
+        else:
+            text_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(n, dim=0)
+        null_text_embeds = None
+        if guidance_scale != 1:
+            if negative_prompt_embeds is not None:
+                null_text_embeds = negative_prompt_embeds.to(device, self.unet.dtype).repeat_interleave(n, dim=0)
+            else:
+                negatives = _per_prompt(negative_prompt or "", batch, "negative_prompt")
+                null_text_embeds = self.encode_prompt(negatives, n, device)
+            if null_text_embeds.shape != text_embeds.shape:
+                raise GenerationInputError(f"negative prompt embeddings {tuple(null_text_embeds.shape)} do not "
+                                           f"match the prompt embeddings {tuple(text_embeds.shape)}")
+        level_rows = torch.tensor(levels, device=device).repeat_interleave(n)
+        gsd_rows = torch.tensor(gsds, device=device).repeat_interleave(n)
+        metadata_rows = None if metadata is None else {
+            name: torch.tensor(_per_prompt(value, batch, f"metadata[{name!r}]"), dtype=torch.float32,
+                               device=device).repeat_interleave(n) for name, value in metadata.items()}
+
+        # 3. prepare latents
+        shape = (batch * n, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=text_embeds.dtype)
+        elif tuple(latents.shape) != shape:
+            raise GenerationInputError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents.to(device, text_embeds.dtype) * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator)
+
+        # 4. denoise
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            noise = self.guided_noise(model_input, t, text_embeds, level_rows, null_text_embeds, guidance_scale,
+                                      gsd_m=gsd_rows, metadata=metadata_rows)
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+
+        # 5. decode
+        images: Any = latents
+        if output_type != "latent":
+            decoded = decode(self.vae, latents.to(self.vae.dtype))
+            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        image_levels = level_rows.tolist()
+        if not return_dict:
+            return images, image_levels
+        return Text2EarthPipelineOutput(images=images, levels=image_levels)
