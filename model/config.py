@@ -36,8 +36,8 @@ def gsd_level(gsd_m: float) -> int:
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "sample_size": 32, "in_channels": 32, "out_channels": 32, "layers_per_block": 1,
-        "block_out_channels": [64, 128], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 128,
+        "block_out_channels": [64, 128], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 128,  # attention at 16x16 only
         "attention_head_dim": 8, "norm_num_groups": 32, "class_embed_type": "timestep",
     },
     "base": {  # Stable Diffusion 2 base (the released Text2Earth UNet)

@@ -1,0 +1,579 @@
+"""Train Text2Earth: DCA condition dropping, epsilon loss with min-SNR weighting, EMA, resumable checkpoints.
+
+accelerate picks the device and the processes, so one command trains on a CPU, one GPU, several GPUs (DDP)
+or several machines. Every random draw of a step (noise, timesteps, DCA drops) comes from a generator seeded
+by (seed, batch index, rank) and the data stream restarts at the batch index, so a run resumed from a
+checkpoint ends with exactly the weights of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.config import NULL_LEVEL, TrainParams
+from pipeline.errors import ParamsError
+
+__all__ = [
+    "LatentCache",
+    "StepDraws",
+    "TrainingRun",
+    "apply_dca",
+    "dca_masks",
+    "diffusion_loss",
+    "files_only_live",
+    "prepare_training",
+    "step_draws",
+    "step_seed",
+    "summary_line",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+LATENT_CACHE_BYTES = 2 * 1024**3  # latents kept per process; a sample run's few hundred chips need ~40 MB
+LOSS_WINDOW = 10  # optimizer steps averaged for the reported final loss
+
+
+# --- the random draws of one step ------------------------------------------------------------------------------
+
+
+def step_seed(seed: int, batch_index: int, rank: int) -> int:
+    """A 63-bit seed for one batch of one process, independent of how the run was split into resumptions."""
+    words = np.random.SeedSequence([seed % 2**64, batch_index, rank]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def dca_masks(batch_size: int, p_text: float, p_res: float, generator: torch.Generator,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic condition adaptation: per sample, independently, drop the text with p_text, the level with p_res."""
+    drop_text = torch.rand(batch_size, generator=generator) < p_text
+    drop_res = torch.rand(batch_size, generator=generator) < p_res
+    return drop_text, drop_res
+
+
+@dataclass(frozen=True)
+class StepDraws:
+    """Everything random in one batch's loss, drawn on the CPU so every device sees the same numbers."""
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    drop_text: torch.Tensor
+    drop_res: torch.Tensor
+
+
+def step_draws(seed: int, latent_shape: tuple[int, ...], *, num_train_timesteps: int, p_text: float,
+               p_res: float, noise_offset: float = 0.0) -> StepDraws:
+    """Noise (with the optional per-channel offset), timesteps and DCA drops from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = latent_shape[0]
+    noise = torch.randn(latent_shape, generator=generator)
+    if noise_offset:
+        # a constant shift per image and channel teaches the model to change overall brightness (Guttenberg)
+        noise += noise_offset * torch.randn((*latent_shape[:2], 1, 1), generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    drop_text, drop_res = dca_masks(batch, p_text, p_res, generator)
+    return StepDraws(noise, timesteps, drop_text, drop_res)
+
+
+def apply_dca(text_embeds: torch.Tensor, null_text_embeds: torch.Tensor, levels: torch.Tensor,
+              drop_text: torch.Tensor, drop_res: torch.Tensor, *, gsd_m: torch.Tensor | None = None,
+              metadata: Mapping[str, torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """Replace dropped texts by the empty prompt's embedding and dropped levels by 0 (unknown).
+
+    The GSD and any metadata drop with the level: the sampler's unconditional branch nulls all of them
+    together, so that is the combination the model must learn.
+    """
+    device = text_embeds.device
+    drop_text, drop_res = drop_text.to(device), drop_res.to(device)
+    text = torch.where(drop_text[:, None, None], null_text_embeds.to(text_embeds.dtype).expand_as(text_embeds),
+                       text_embeds)
+    levels = torch.where(drop_res, torch.full_like(levels, NULL_LEVEL), levels)
+    nan = torch.tensor(math.nan, device=device)
+    gsd = None if gsd_m is None else torch.where(drop_res, nan, gsd_m)
+    meta = None if metadata is None else {k: torch.where(drop_res, nan, v) for k, v in metadata.items()}
+    return text, levels, gsd, meta
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any,
+                   snr_gamma: float | None) -> torch.Tensor:
+    """MSE to the target, each sample weighted by min(SNR, gamma) / SNR (Hang et al. 2023) unless gamma is None.
+
+    The weighting stops the many easy low-noise timesteps from dominating the gradient; for v-prediction the
+    denominator is SNR + 1.
+    """
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    if snr_gamma is None:
+        return per_sample.mean()
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps.to(model_pred.device))
+    weight = torch.clamp(snr, max=snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weight = weight / (snr + 1)
+    else:
+        weight = weight / snr
+    return (per_sample * weight).mean()
+
+
+# --- frozen encoders ----------------------------------------------------------------------------------------
+
+
+class LatentCache:
+    """Latents of chips already encoded, keyed by a digest of the augmented pixels.
+
+    A small data set repeats its chips every few steps, and on a CPU the autoencoder costs more than the tiny
+    UNet's step, so each distinct chip (per crop and flip) is encoded once. Misses are encoded one image at a
+    time: a latent then never depends on which other chips shared its batch, which keeps resumed runs exact.
+    Only deterministic autoencoders (TAEF2, no sampling) may be cached.
+    """
+
+    def __init__(self, vae: Any, max_bytes: int = LATENT_CACHE_BYTES) -> None:
+        self.vae = vae
+        self.max_bytes = max_bytes
+        self.latents: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Latents of a batch, from the cache where possible."""
+        from model.autoencoder import encode
+
+        out = []
+        for image in pixel_values:
+            digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+            latent = self.latents.get(digest)
+            if latent is None:
+                self.misses += 1
+                latent = encode(self.vae, image[None])[0]
+                if self.bytes + latent.numel() * latent.element_size() <= self.max_bytes:
+                    self.latents[digest] = latent
+                    self.bytes += latent.numel() * latent.element_size()
+            else:
+                self.hits += 1
+            out.append(latent)
+        return torch.stack(out)
+
+
+def is_deterministic_autoencoder(vae: Any) -> bool:
+    """Whether encoding is a plain function of the pixels (tiny autoencoders) rather than a sample (KL)."""
+    from diffusers import AutoencoderTiny
+
+    return isinstance(vae, AutoencoderTiny)
+
+
+@torch.no_grad()
+def encode_text(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's last hidden state, as the pipeline's `encode_prompt` computes it."""
+    embeds: torch.Tensor = text_encoder(input_ids.to(text_encoder.device))[0]
+    return embeds
+
+
+def null_text_ids(tokenizer: Any) -> torch.Tensor:
+    """Token ids of the empty prompt (the null text of DCA and of the sampler's unconditional branch)."""
+    ids: torch.Tensor = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+    return ids
+
+
+# --- optimisation ----------------------------------------------------------------------------------------------
+
+
+def make_optimizer(params: TrainParams, parameters: Any, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory) when `adam_8bit` is set."""
+    if params.adam_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ParamsError("train.adam_8bit is true but bitsandbytes is not installed: "
+                              "`pip install bitsandbytes` (needs a CUDA GPU) or set train.adam_8bit: false") from exc
+        optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(parameters, lr=params.learning_rate,
+                                                                weight_decay=params.weight_decay)
+        return optimizer
+    fused = device.type == "cuda"  # one kernel for all parameters on a GPU; the CPU keeps the reference loop
+    return torch.optim.AdamW(parameters, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused)
+
+
+# --- logging ---------------------------------------------------------------------------------------------------
+
+
+def files_only_live(live_dir: str, resume_step: int) -> Any:
+    """A DVCLive logger that only writes files under `live_dir` (metrics.json, plots/metrics/*.tsv).
+
+    Inside a git repository DVCLive's own setup runs `dvc init` when there is no `.dvc`, and may save
+    experiments (git refs) or `git add` its files; a training run must never change git state, so that setup
+    is skipped. `dvc plots show` and `dvc exp show` read the files through the `train` stage's plots and
+    metrics entries in dvc.yaml. On resume the history after the checkpoint's step is dropped, since those
+    steps are trained again.
+    """
+    from dvclive import Live
+
+    class FilesOnlyLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_repo = None
+
+    live = FilesOnlyLive(dir=live_dir, resume=resume_step > 0, save_dvc_exp=False, dvcyaml=None)
+    if resume_step > 0:
+        truncate_history(Path(live_dir), resume_step)
+    return live
+
+
+def truncate_history(live_dir: Path, last_step: int) -> None:
+    """Drop DVCLive rows logged after `last_step` (a killed run logged steps its checkpoint does not hold)."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        with tsv.open(newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t"))
+        if not rows or "step" not in rows[0]:
+            continue
+        column = rows[0].index("step")
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) > column and int(r[column]) <= last_step]
+        with tsv.open("w", newline="") as handle:
+            csv.writer(handle, delimiter="\t", lineterminator="\n").writerows(kept)
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """One line for the console at the end of a run."""
+    minutes, seconds = divmod(round(float(summary["seconds"])), 60)
+    resumed = f", resumed at step {summary['start_step']}" if summary["start_step"] else ""
+    loss = summary.get("final_loss")
+    loss_text = f"final loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "no step run"
+    return (f"train: {summary['steps']} steps ({summary['size']}, {summary['num_processes']} process(es)"
+            f"{resumed}) in {minutes}m{seconds:02d}s, {summary['samples_per_s']:.2f} samples/s, {loss_text} "
+            f"-> {summary['output_dir']}")
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Frozen:
+    """The parts that do not train and what the loss needs from them."""
+
+    vae: Any
+    text_encoder: Any
+    null_text: torch.Tensor  # 1 x 77 x D
+    latent_cache: LatentCache | None
+
+
+def _conditioning_fields(unet: Any) -> list[str]:
+    from model.unet import unet_conditioning
+
+    conditioning = unet_conditioning(unet)
+    return list(conditioning.metadata) if conditioning else []
+
+
+def _prepare_frozen(components: Mapping[str, Any], device: torch.device, cache_latents: bool) -> _Frozen:
+    vae, text_encoder = components["vae"], components["text_encoder"]
+    for module in (vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)  # kept in float32 (mixed precision runs them under autocast) so the export is exact
+    null_text = encode_text(text_encoder, null_text_ids(components["tokenizer"]))
+    cache = LatentCache(vae) if cache_latents and is_deterministic_autoencoder(vae) else None
+    return _Frozen(vae, text_encoder, null_text, cache)
+
+
+def _lr_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer, num_processes: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    # the prepared scheduler steps once per process per optimizer step, hence the factor (as in diffusers' scripts)
+    return get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps * num_processes,
+                         num_training_steps=params.max_steps * num_processes)
+
+
+@dataclass
+class TrainingRun:
+    """Everything one process trains with; `step` is one optimizer step (the benchmark drives it too)."""
+
+    params: TrainParams
+    accelerator: Any
+    components: dict[str, Any]
+    unet: Any  # as prepared by accelerate (DDP / compile wrappers)
+    bare_unet: Any  # the UNet itself: EMA, saving, export
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any | None
+    frozen: _Frozen
+    metadata_fields: list[str]
+
+    @property
+    def noise_scheduler(self) -> Any:
+        """The training noise schedule."""
+        return self.components["scheduler"]
+
+    def batch_loss(self, batch: Mapping[str, Any], seed: int) -> torch.Tensor:
+        """The loss of one batch: encode, noise, drop conditions, predict, weight.
+
+        A batch may carry `latents` and `text_embeds` computed ahead (a latent-cached data set); otherwise the
+        frozen autoencoder and text encoder encode `pixel_values` and `input_ids` here.
+        """
+        from model.autoencoder import encode
+        from model.unet import predict_noise
+
+        accelerator, params, scheduler = self.accelerator, self.params, self.noise_scheduler
+        device = accelerator.device
+        torch.manual_seed(seed)  # anything that still draws from the global generator (a KL autoencoder's sample)
+        with torch.no_grad(), accelerator.autocast():
+            if "latents" in batch:  # precomputed by the data pipeline (already scaled)
+                latents = batch["latents"].to(device, non_blocking=True)
+            elif self.frozen.latent_cache is not None:
+                latents = self.frozen.latent_cache.encode(batch["pixel_values"].to(device, non_blocking=True))
+            else:
+                latents = encode(self.frozen.vae, batch["pixel_values"].to(device, non_blocking=True))
+            if "text_embeds" in batch:
+                text_embeds = batch["text_embeds"].to(device, non_blocking=True)
+            else:
+                text_embeds = encode_text(self.frozen.text_encoder, batch["input_ids"])
+        latents = latents.float()
+        draws = step_draws(seed, tuple(latents.shape), num_train_timesteps=scheduler.config.num_train_timesteps,
+                           p_text=params.p_text_drop, p_res=params.p_res_drop, noise_offset=params.noise_offset)
+        noise, timesteps = draws.noise.to(device), draws.timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        metadata = {f: batch[f].to(device) for f in self.metadata_fields} or None
+        text, levels, gsd_m, metadata = apply_dca(text_embeds, self.frozen.null_text, batch["level"].to(device),
+                                                  draws.drop_text, draws.drop_res, gsd_m=batch["gsd_m"].to(device),
+                                                  metadata=metadata)
+        model_pred = predict_noise(self.unet, noisy, timesteps, text, levels, gsd_m=gsd_m, metadata=metadata)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return diffusion_loss(model_pred, target, timesteps, scheduler, params.snr_gamma)
+
+    def step(self, batches: Sequence[Mapping[str, Any]], step: int) -> tuple[float, float]:
+        """One optimizer step over `gradient_accumulation_steps` batches; (loss averaged over processes, grad norm).
+
+        Batch i of step s draws its noise, timesteps and DCA drops from `step_seed(seed, s * accum + i, rank)`.
+        """
+        accelerator, unet = self.accelerator, self.unet
+        accum = len(batches)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        grad_norm = torch.zeros(())
+        for micro, batch in enumerate(batches):
+            seed = step_seed(self.params.seed, step * accum + micro, accelerator.process_index)
+            with accelerator.accumulate(unet):
+                loss = self.batch_loss(batch, seed)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), self.params.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        if self.ema is not None:
+            self.ema.step(unet.parameters())
+        mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean")
+        return float(mean_loss), float(grad_norm)
+
+
+def prepare_training(params: TrainParams, *, cache_latents: bool | None = None) -> TrainingRun:
+    """Build the components, the accelerator, optimizer, LR schedule and EMA for `params`.
+
+    `cache_latents` None: cache on CPUs only, where the autoencoder costs more than a tiny UNet step (and only
+    for deterministic autoencoders); a GPU encodes whole batches faster than the cache's one-by-one misses.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import EMAModel
+
+    from model.components import build_components
+
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    accelerator = Accelerator(mixed_precision=params.mixed_precision,
+                              gradient_accumulation_steps=params.gradient_accumulation_steps,
+                              dynamo_backend="inductor" if params.compile else None)
+    set_seed(params.seed)  # the same initial weights on every process and in every resumption
+    components = build_components(params)
+    if cache_latents is None:
+        configured = getattr(params, "cache_latents", None)  # a `train.cache_latents` key, where params have one
+        cache_latents = accelerator.device.type == "cpu" if configured is None else bool(configured)
+    frozen = _prepare_frozen(components, accelerator.device, cache_latents)
+    unet = components["unet"]
+    unet.train()
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = make_optimizer(params, unet.parameters(), accelerator.device)
+    lr_scheduler = _lr_scheduler(params, optimizer, accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    bare_unet = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    ema = None
+    if params.ema:
+        ema = EMAModel(bare_unet.parameters(), decay=params.ema_decay, model_cls=type(bare_unet),
+                       model_config=bare_unet.config)
+        ema.to(accelerator.device)
+    return TrainingRun(params, accelerator, components, unet, bare_unet, optimizer, lr_scheduler, ema, frozen,
+                       _conditioning_fields(bare_unet))
+
+
+def _progress_bar(params: TrainParams, start_step: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=params.max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0, disable=not enabled)
+
+
+def train(params: TrainParams, *, resume: str | None = None, progress: bool = True, live_dir: str = "dvclive",
+          samples_path: str | None = "metrics/train_samples.png") -> dict[str, Any]:
+    """Train (or continue training) the model of `params`, export it with its EMA weights, return a summary.
+
+    `resume`: None starts at step 0 and deletes the checkpoints of any earlier run in `params.checkpoint_dir`;
+    "latest" continues from the newest complete checkpoint there when it was made with the same train params
+    (`model.checkpoint.params_fingerprint`; max_steps may differ), else starts fresh; a path continues from that
+    checkpoint. The exported pipeline lands in `params.output_dir` and a labelled grid of
+    the validation prompts x levels in `samples_path`. Only the main process writes files.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    from model.checkpoint import (
+        clear_checkpoints,
+        load_checkpoint,
+        params_fingerprint,
+        remove_stale_temporaries,
+        resolve_resume,
+        save_checkpoint,
+    )
+    from model.data import training_stream
+
+    started = time.perf_counter()
+    fingerprint = params_fingerprint(params)
+    checkpoint = resolve_resume(resume, params.checkpoint_dir, fingerprint)  # a bad path fails before any work
+    run = prepare_training(params)
+    accelerator = run.accelerator
+    main = accelerator.is_main_process
+    accelerator.wait_for_everyone()  # every process has resolved `resume` before the main one deletes anything
+    if main:
+        remove_stale_temporaries(params.checkpoint_dir)
+        if checkpoint is None and (removed := clear_checkpoints(params.checkpoint_dir)):
+            log.info("fresh start: removed %d checkpoint(s) of an earlier run from %s", removed,
+                     params.checkpoint_dir)
+    accelerator.wait_for_everyone()
+    start_step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, ema=run.ema)
+        start_step = int(state["step"])
+        log.info("resuming from %s (step %d)", checkpoint, start_step)
+        if state.get("torch_threads", torch.get_num_threads()) != torch.get_num_threads():
+            log.warning("%s was trained with %s CPU threads, resuming with %d: CPU sums then split differently, so "
+                        "the weights will not match an uninterrupted run bit for bit (set train.threads)",
+                        checkpoint, state["torch_threads"], torch.get_num_threads())
+    accum = params.gradient_accumulation_steps
+    world = accelerator.num_processes
+    stream = training_stream(params, run.components["tokenizer"], seed=params.seed, start_step=start_step * accum,
+                             rank=accelerator.process_index, world_size=world)
+    live = files_only_live(live_dir, start_step) if main else None  # params are in params.yaml already
+    bar = _progress_bar(params, start_step, progress and main)
+    samples_per_step = params.batch_size * accum * world
+    losses: list[float] = []
+    loop_seconds = 0.0
+    try:
+        for step in range(start_step, params.max_steps):
+            step_started = time.perf_counter()
+            loss, grad_norm = run.step([next(stream) for _ in range(accum)], step)
+            seconds = time.perf_counter() - step_started
+            loop_seconds += seconds
+            losses.append(loss)
+            done = step + 1
+            lr = float(run.lr_scheduler.get_last_lr()[0])
+            if live is not None:
+                live.step = done
+                live.log_metric("train/loss", loss)
+                live.log_metric("train/lr", lr)
+                live.log_metric("train/grad_norm", grad_norm)
+                live.log_metric("train/samples_per_s", samples_per_step / seconds)
+                live.next_step()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if done % params.checkpoint_every == 0 or done == params.max_steps:
+                save_checkpoint(accelerator, params.checkpoint_dir, done, ema=run.ema, keep=params.keep_checkpoints,
+                                extra={"seed": params.seed, "size": params.size, "params_fingerprint": fingerprint,
+                                       "torch_threads": torch.get_num_threads()})
+    finally:
+        bar.close()
+    accelerator.wait_for_everyone()
+    if main:
+        if run.ema is not None:
+            run.ema.copy_to(run.bare_unet.parameters())
+        run.bare_unet.eval()
+        scheduler = DPMSolverMultistepScheduler.from_config(run.noise_scheduler.config)
+        pipeline = _export(run.components, run.bare_unet, scheduler, params.output_dir)
+        if samples_path:
+            _save_grid(pipeline, params, samples_path, done_steps=params.max_steps)
+    steps_run = params.max_steps - start_step
+    cache = run.frozen.latent_cache
+    summary = {
+        "steps": params.max_steps,
+        "start_step": start_step,
+        "steps_run": steps_run,
+        "size": params.size,
+        "num_processes": world,
+        "batch_size": params.batch_size,
+        "effective_batch_size": samples_per_step,
+        "final_loss": float(np.mean(losses[-LOSS_WINDOW:])) if losses else math.nan,
+        "first_loss": float(np.mean(losses[:LOSS_WINDOW])) if losses else math.nan,
+        "samples_per_s": samples_per_step * steps_run / loop_seconds if loop_seconds else 0.0,
+        "seconds": time.perf_counter() - started,
+        "unet_parameters": sum(p.numel() for p in run.bare_unet.parameters()),
+        "latent_cache_hits": cache.hits if cache else 0,
+        "latent_cache_misses": cache.misses if cache else 0,
+        "output_dir": params.output_dir,
+    }
+    if live is not None:
+        for key in ("final_loss", "samples_per_s", "seconds"):
+            live.summary[key] = summary[key]
+        live.end()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _export(components: Mapping[str, Any], unet: Any, scheduler: Any, output_dir: str) -> Any:
+    """save_pretrained into a sibling temporary folder, then swap it in: a killed export leaves the old model."""
+    from model.pipeline import Text2EarthPipeline
+
+    pipeline: Any = Text2EarthPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                  tokenizer=components["tokenizer"], unet=unet, scheduler=scheduler)
+    target = Path(output_dir)
+    temp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    pipeline.save_pretrained(temp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(temp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+    return pipeline
+
+
+def _save_grid(pipeline: Any, params: TrainParams, samples_path: str, done_steps: int) -> None:
+    from model.validation import validation_grid
+
+    pipeline.set_progress_bar_config(disable=True)
+    grid = validation_grid(pipeline, params.validation_prompts, params.validation_levels,
+                           steps=params.validation_steps, guidance_scale=params.guidance_scale, seed=params.seed,
+                           title=f"{params.size}, {done_steps} steps, EMA, s={params.guidance_scale:g}")
+    path = Path(samples_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
