@@ -320,7 +320,7 @@ def compare_sort_keys(work: Path, sizes: list[int], boxes: int = 500) -> dict[st
         for size in sizes:
             con.execute(f"CREATE OR REPLACE TABLE groups AS SELECT level, rn // {size} AS g, min(lon) AS x0, "
                         "max(lon) AS x1, min(lat) AS y0, max(lat) AS y1 FROM ranked GROUP BY ALL")
-            total = con.execute("SELECT count(*) FROM groups").fetchone()[0]
+            total = con.execute("SELECT count(*) FROM groups").fetchall()[0][0]
             hits = [n for _, n in con.execute(
                 "SELECT b.i, count(g.g) FROM boxes b LEFT JOIN groups g ON g.x0 <= b.x1 AND g.x1 >= b.x0 "
                 "AND g.y0 <= b.y1 AND g.y1 >= b.y0 GROUP BY b.i ORDER BY b.i").fetchall()]
@@ -439,10 +439,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         info_path.write_text(json.dumps(info))
     shutil.rmtree(work / "spill", ignore_errors=True)
     print(f"layouts: {info['layout']} {info['single']}", file=sys.stderr)
+    # every run is saved as it ends, so --resume goes on after an interruption (with the same layout)
+    partial = work / "runs-partial.json"
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {q: {lay: [] for lay in LAYOUTS} for q in QUERIES}
+    if args.resume and partial.exists() and json.loads(partial.read_text())["layout"] == info["layout"]:
+        runs = json.loads(partial.read_text())["runs"]
     for rnd in range(args.rounds):
         for name in QUERIES:
             for layout in LAYOUTS if rnd % 2 == 0 else reversed(LAYOUTS):
+                if len(runs[name][layout]) > rnd:
+                    continue
                 attempts = 0
                 while True:  # a run disturbed by other processes is redone
                     attempts += 1
@@ -452,6 +458,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         break
                 r.update({"quiet_before_cores": quiet, "attempts": attempts})
                 runs[name][layout].append(r)
+                partial.write_text(json.dumps({"layout": info["layout"], "runs": runs}))
                 print(f"round {rnd} {name} {layout}: {r['runs'][1]['query_s']:.3f} s "
                       f"(first {r['runs'][0]['query_s']:.3f} s), {r['peak_gib']:.2f} GiB, "
                       f"others {r['other_cores']:.2f} cores", file=sys.stderr)
@@ -586,6 +593,7 @@ def main() -> None:
                         help="redo a run during which other processes used --quiet-cores or more, up to this often")
     parser.add_argument("--keep", type=Path, default=Path("/tmp/t2e-bench-metadata-query"),
                         help="work folder: generated input and layouts are reused from here")
+    parser.add_argument("--resume", action="store_true", help="keep the runs an interrupted benchmark saved")
     parser.add_argument("--rerender", action="store_true",
                         help="measure nothing: rebuild the table from benchmarks/results/metadata_query.json")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
@@ -604,7 +612,7 @@ def main() -> None:
     if args.rerender:
         result = json.loads(saved.read_text())
     else:
-        result = {**measure(args), "memory_limit": args.memory_limit}
+        result = {**measure(args), "memory_limit": args.memory_limit, "queries": QUERIES}
         saved.parent.mkdir(exist_ok=True)
         saved.write_text(json.dumps(result, indent=2) + "\n")
     table = render(result)
