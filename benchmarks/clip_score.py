@@ -46,11 +46,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _measure  # benchmarks/_measure.py: this folder is on sys.path when a script runs
 import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from _measure import busy_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_HARVEST = REPO / "data" / "harvest"
@@ -233,25 +235,9 @@ class PeakRss(threading.Thread):
                 return
 
 
-def _busy_cpu_s() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
 def wait_quiet(max_cores: float, patience_s: float) -> float:
-    """Wait (up to `patience_s`) until other processes keep fewer than `max_cores` cores busy; return that load."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        before = _busy_cpu_s()
-        time.sleep(3.0)
-        load = (_busy_cpu_s() - before) / 3.0
-        if load < max_cores or time.monotonic() > deadline:
-            if load >= max_cores:
-                print(f"machine still busy ({load:.2f} cores) after {patience_s:.0f} s: measuring anyway",
-                      file=sys.stderr)
-            return load
-        print(f"machine busy ({load:.2f} cores used by other processes): waiting", file=sys.stderr)
-        time.sleep(10.0)
+    """Wait for a quiet machine (benchmarks/_measure.py) with this benchmark's sampling."""
+    return _measure.wait_quiet(max_cores, patience_s, warn=True)
 
 
 def clip_job(params: Path) -> dict[str, Any]:
@@ -260,7 +246,7 @@ def clip_job(params: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "stages.cli", "clip", "--params", str(params), "--no-progress",
            "--metrics", str(metrics)]
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_before = _busy_cpu_s()
+    busy_before = busy_cpu_s()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     monitor = PeakRss(proc.pid)
@@ -273,7 +259,7 @@ def clip_job(params: Path) -> dict[str, Any]:
         raise RuntimeError(f"clip failed:\n{err[-3000:]}")
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     ours = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
-    other = max(0.0, _busy_cpu_s() - busy_before - ours)
+    other = max(0.0, busy_cpu_s() - busy_before - ours)
     m = re.search(r"clip: (\d+) rows in, (\d+) written .* in ([\d.]+) s", out)
     assert m, out + err[-2000:]
     assert "already done" not in out, "a benchmark run must not resume an earlier one"
@@ -305,7 +291,7 @@ def timed_bare(model: Any, preprocess: Any, tokenizer: Any, rows: list[dict[str,
                patience: float) -> dict[str, Any]:
     """The bare loop in this process: its time, this process's peak RSS, and other processes' CPU meanwhile."""
     quiet = wait_quiet(quiet_cores, patience)
-    busy_before, own_before = _busy_cpu_s(), sum(psutil.Process().cpu_times()[:2])
+    busy_before, own_before = busy_cpu_s(), sum(psutil.Process().cpu_times()[:2])
     rss = PeakRss(os.getpid())
     rss.start()
     r = bare_loop(model, preprocess, tokenizer, rows)
@@ -313,7 +299,7 @@ def timed_bare(model: Any, preprocess: Any, tokenizer: Any, rows: list[dict[str,
     rss.join()
     own = sum(psutil.Process().cpu_times()[:2]) - own_before
     r.update({"peak_rss_gib": rss.peak / 2**30, "quiet_before_cores": quiet,
-              "other_cores": max(0.0, _busy_cpu_s() - busy_before - own) / r["seconds"]})
+              "other_cores": max(0.0, busy_cpu_s() - busy_before - own) / r["seconds"]})
     return r
 
 

@@ -42,11 +42,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _measure  # benchmarks/_measure.py: this folder is on sys.path when a script runs
 import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from _measure import busy_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 512
@@ -237,22 +239,9 @@ class PeakRss(threading.Thread):
                 return
 
 
-def _busy_cpu_s() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
 def wait_quiet(max_cores: float, patience_s: float) -> float:
-    """Wait (up to `patience_s`) until other processes keep fewer than `max_cores` cores busy; return that load."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        before = _busy_cpu_s()
-        time.sleep(3.0)
-        load = (_busy_cpu_s() - before) / 3.0
-        if load < max_cores or time.monotonic() > deadline:
-            return load
-        print(f"machine busy ({load:.2f} cores used by other processes): waiting", file=sys.stderr)
-        time.sleep(10.0)
+    """Wait for a quiet machine (benchmarks/_measure.py) with this benchmark's sampling."""
+    return _measure.wait_quiet(max_cores, patience_s)
 
 
 def monitored(cmd: list[str], limit_s: float) -> dict[str, Any]:
@@ -260,7 +249,7 @@ def monitored(cmd: list[str], limit_s: float) -> dict[str, Any]:
     import resource
 
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_before = _busy_cpu_s()
+    busy_before = busy_cpu_s()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     monitor = PeakRss(proc.pid)
@@ -281,7 +270,7 @@ def monitored(cmd: list[str], limit_s: float) -> dict[str, Any]:
     ours = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
     return {"returncode": proc.returncode, "timed_out": timed_out, "stdout": out, "stderr": err, "wall_s": wall,
             "peak_rss_gib": monitor.peak / 2**30, "cpu_s": ours, "timeline": monitor.timeline,
-            "other_cores": max(0.0, _busy_cpu_s() - busy_before - ours) / wall}
+            "other_cores": max(0.0, busy_cpu_s() - busy_before - ours) / wall}
 
 
 def dedup_job(params: Path, limit_s: float) -> dict[str, Any]:

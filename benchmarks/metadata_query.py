@@ -50,11 +50,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _measure  # benchmarks/_measure.py: this folder is on sys.path when a script runs
 import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from _measure import busy_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -377,28 +379,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _busy_cpu_s() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
 def wait_quiet(max_cores: float, patience_s: float) -> float:
-    """Wait (up to `patience_s`) until other processes keep fewer than `max_cores` cores busy; return that load."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        before = _busy_cpu_s()
-        time.sleep(2.0)
-        load = (_busy_cpu_s() - before) / 2.0
-        if load < max_cores or time.monotonic() > deadline:
-            return load
-        print(f"machine busy ({load:.2f} cores used by other processes): waiting", file=sys.stderr)
-        time.sleep(5.0)
+    """Wait for a quiet machine (benchmarks/_measure.py) with this benchmark's sampling."""
+    return _measure.wait_quiet(max_cores, patience_s, sample_s=2.0, pause_s=5.0)
 
 
 def child(args: list[str], limit_s: float) -> dict[str, Any]:
     """Run this script in a subprocess; its JSON line, wall time, and the CPU other processes used meanwhile."""
     before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_before = _busy_cpu_s()
+    busy_before = busy_cpu_s()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=limit_s)
@@ -408,7 +397,7 @@ def child(args: list[str], limit_s: float) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**out, "wall_s": wall, "other_cores": max(0.0, _busy_cpu_s() - busy_before - ours) / wall}
+    return {**out, "wall_s": wall, "other_cores": max(0.0, busy_cpu_s() - busy_before - ours) / wall}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
