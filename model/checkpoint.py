@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,24 @@ _NOT_FINGERPRINTED = frozenset({
 })
 
 
-def params_fingerprint(params: BaseModel) -> str:
-    """A digest of the train params a checkpoint depends on (data, model, optimisation, seed).
+def params_fingerprint(params: BaseModel, shards: Sequence[str] = (), *, code: bool = False) -> str:
+    """A digest of what a checkpoint depends on: train params (data, model, optimisation, seed), the shards'
+    names and sizes and, with `code`, the model package's source.
 
     `max_steps` counts only where the learning-rate schedule decays towards it (cosine, linear): with a
     constant schedule, continuing a finished run to more steps equals training that long from the start.
+    Re-published shards (other sizes) or changed model code make `--resume latest` start afresh, as
+    `dvc repro` expects when it re-runs the stage for them. Remote shards count by name only.
     """
-    values = {k: v for k, v in params.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
+    values: dict[str, Any] = {k: v for k, v in params.model_dump(mode="json").items() if k not in _NOT_FINGERPRINTED}
     if values.get("lr_scheduler") in ("cosine", "linear"):
         values["max_steps"] = params.model_dump()["max_steps"]
+    if shards:
+        values["shards"] = [(url, os.path.getsize(url) if os.path.isfile(url) else None) for url in shards]
+    if code:
+        package = Path(__file__).resolve().parent
+        values["code"] = hashlib.sha256(b"".join(
+            str(p.relative_to(package)).encode() + p.read_bytes() for p in sorted(package.rglob("*.py")))).hexdigest()
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -435,10 +435,10 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
     """Train (or continue training) the model of `params`, export it with its EMA weights, return a summary.
 
     `resume`: None starts at step 0 and deletes the checkpoints of any earlier run in `params.checkpoint_dir`;
-    "latest" continues from the newest complete checkpoint there when it was made with the same train params
-    (`model.checkpoint.params_fingerprint`; max_steps may differ), else starts fresh; a path continues from that
-    checkpoint. The exported pipeline lands in `params.output_dir` and a labelled grid of
-    the validation prompts x levels in `samples_path`. Only the main process writes files.
+    "latest" continues from the newest complete checkpoint there when it was made with the same train params,
+    shards and model code (`model.checkpoint.params_fingerprint`; max_steps may differ), else starts fresh;
+    a path continues from that checkpoint. The exported pipeline lands in `params.output_dir` and a labelled
+    grid of the validation prompts x levels in `samples_path`. Only the main process writes files.
     """
     from diffusers import DPMSolverMultistepScheduler
 
@@ -453,7 +453,9 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
     from model.data import training_stream
 
     started = time.perf_counter()
-    fingerprint = params_fingerprint(params)
+    from model.data import expand_shards
+
+    fingerprint = params_fingerprint(params, expand_shards(params.shards), code=True)
     checkpoint = resolve_resume(resume, params.checkpoint_dir, fingerprint)  # a bad path fails before any work
     run = prepare_training(params)
     accelerator = run.accelerator

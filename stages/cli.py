@@ -13,7 +13,7 @@ import sys
 
 from pipeline.beam_worker import DropHarnessChatter
 from pipeline.errors import Text2EarthError
-from stages import cards, curation, harvest, publish, train
+from stages import cards, curation, generate, harvest, publish, train
 
 DESCRIPTION = """\
 text2earth rebuilds a Git-10M-style remote-sensing image-text dataset and trains the Text2Earth
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_parsers(subparsers)
     cards.add_parser(subparsers)
     train.add_parser(subparsers)
+    generate.add_parser(subparsers)
     return parser
 
 

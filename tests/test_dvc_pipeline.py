@@ -1,5 +1,6 @@
-"""The DVC graph: `dvc repro` runs harvest, every curation stage, publish and cards; a changed CLIP threshold
-re-runs only the filter and what follows it, and a publish setting only publish and cards."""
+"""The DVC graph: `dvc repro` runs harvest, every curation stage, publish, cards and train; a changed CLIP
+threshold re-runs only the filter and what follows it, a publish setting only publish, cards and train, and a
+train setting only train."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_pat
     work = tmp_path / "project"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in files.splitlines():
-        if (REPO / name).is_file() and not name.startswith(("data/curation/", "data/curated/", "data/git10m/", "data_cards/", "metrics/")):
+        if (REPO / name).is_file() and not name.startswith(("data/curation/", "data/curated/", "data/git10m/",
+                                                              "data_cards/", "metrics/", "dvclive/")):
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, work / name)
     (work / "dvc.lock").unlink()
@@ -37,15 +39,25 @@ def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_pat
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["clip"].update({"model": "clip-tiny-test", "model_config_path": str(CLIP_TINY), "batch_size": 8,
                            "cache_dir": str(tmp_path / "cache")})
+    params["train"].update({"max_steps": 4, "batch_size": 2, "checkpoint_every": 2, "validation_steps": 2,
+                            "validation_prompts": ["a river"], "validation_levels": [15]})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    everything = ["harvest", "geo", "caption", "clip", "filter", "dedup", "curate", "publish", "cards"]
-    assert _repro(work) == everything
+    curation = ["harvest", "geo", "caption", "clip", "filter", "dedup", "curate", "publish"]
+    ran = _repro(work)
+    assert ran[:len(curation)] == curation and sorted(ran[len(curation):]) == ["cards", "train"]
     assert (work / "data" / "git10m" / "checksums.sha256").exists()
     assert (work / "data_cards" / "croissant.json").exists() and (work / "data_cards" / "site" / "index.html").exists()
+    assert (work / "models" / "text2earth" / "model_index.json").exists()
+    assert (work / "metrics" / "train_samples.png").exists() and (work / "dvclive" / "metrics.json").exists()
     assert _repro(work) == []
     params["filter"]["top_percent"] = 50
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _repro(work) == ["filter", "dedup", "curate", "publish", "cards"]
+    ran = _repro(work)
+    assert ran[:4] == ["filter", "dedup", "curate", "publish"] and sorted(ran[4:]) == ["cards", "train"]
     params["publish"]["samples_per_shard"] = 16
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _repro(work) == ["publish", "cards"]
+    ran = _repro(work)
+    assert ran[0] == "publish" and sorted(ran[1:]) == ["cards", "train"]
+    params["train"]["learning_rate"] = 0.001
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _repro(work) == ["train"]

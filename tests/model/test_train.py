@@ -317,6 +317,19 @@ def test_params_fingerprint_changes_with_what_a_step_computes_only() -> None:
     assert params_fingerprint(cosine.model_copy(update={"max_steps": 9999})) != params_fingerprint(cosine)
 
 
+def test_republished_shards_or_new_model_code_start_a_fresh_run(tmp_path: Path) -> None:
+    from model.checkpoint import params_fingerprint
+
+    params = TrainParams.model_validate({})
+    shard = tmp_path / "git10m-000000.tar"
+    shard.write_bytes(b"x" * 10)
+    before = params_fingerprint(params, [str(shard)])
+    assert params_fingerprint(params, [str(shard)]) == before
+    shard.write_bytes(b"x" * 11)  # publish re-ran with other settings
+    assert params_fingerprint(params, [str(shard)]) != before
+    assert params_fingerprint(params, code=True) != params_fingerprint(params)
+
+
 def test_resume_from_a_bad_path_names_the_choices(tmp_path: Path) -> None:
     from model.checkpoint import resolve_resume, save_checkpoint
     from pipeline.errors import ParamsError
