@@ -3,7 +3,7 @@
 `tiny` trains on a laptop CPU in minutes (the sample run) in the latent space of the real, pretrained TAEF2
 tiny autoencoder; `base` is the paper's Stable Diffusion 2 base layout (865M-parameter UNet, OpenCLIP ViT-H
 text tower, 4-channel KL autoencoder). Both condition the UNet on the resolution level through
-`class_embed_type="timestep"`.
+`class_embed_type="timestep"`. `task: inpaint` trains the editing model from a trained text-to-image one.
 """
 
 from __future__ import annotations
@@ -75,6 +75,30 @@ class ConditioningParams(_Strict):
 
 
 Split = Literal["train", "val", "test"]
+Task = Literal["text2image", "inpaint"]
+MaskKind = Literal["box", "stroke", "blob"]
+
+
+def _all_mask_kinds() -> list[MaskKind]:
+    return ["box", "stroke", "blob"]
+
+
+class InpaintParams(_Strict):
+    """`train.inpaint:`: where the inpainting model (`--task inpaint`) starts and goes, and its training masks."""
+
+    init_from: str | None = Field(None, description="Text-to-image pipeline whose UNet gains the mask and "
+                                  "masked-image input channels (their weights start at zero) and whose autoencoder, "
+                                  "text encoder and tokenizer are reused; an inpainting pipeline continues as it is. "
+                                  "null: train.output_dir, the text-to-image model of this params file.")
+    output_dir: str | None = Field(None, description="The inpainting pipeline; null: '{train.output_dir}-inpaint'.")
+    checkpoint_dir: str | None = Field(None, description="null: '{train.checkpoint_dir}-inpaint'.")
+    max_steps: int | None = Field(None, ge=1, description="null: train.max_steps. On a CPU a step costs about four "
+                                  "text-to-image steps: every masked image is encoded afresh.")
+    mask_kinds: list[MaskKind] = Field(default_factory=_all_mask_kinds, min_length=1,
+                                       description="Random training mask shapes: boxes (objects), brush strokes, "
+                                       "cloud-like soft blobs.")
+    max_shapes: int = Field(3, ge=1, description="Each mask is the union of 1..max_shapes shapes.")
+    p_full_mask: float = Field(0.1, ge=0, le=1, description="Share of samples masked entirely (plain generation).")
 
 
 def _train_only() -> list[Split]:
@@ -84,6 +108,9 @@ def _train_only() -> list[Split]:
 class TrainParams(_Strict):
     """`train:` in params.yaml: what to train on, the model, the optimisation and the schedule."""
 
+    task: Task = Field("text2image", description="`text2image`: the Text2Earth model; `inpaint`: the editing "
+                       "model, started from the text-to-image one (see `inpaint`).")
+    inpaint: InpaintParams = Field(default_factory=lambda: InpaintParams.model_validate({}))
     shards: str = Field("data/git10m/shards/git10m-{000000..000003}.tar", description="WebDataset shards "
                         "(brace pattern, list file or URL).")
     output_dir: str = Field("models/text2earth", description="The trained pipeline (save_pretrained layout).")
@@ -139,5 +166,32 @@ def load_train_params(params_path: Path, overrides: dict[str, Any] | None = None
     section = data.get("train") or {}
     if not isinstance(section, dict):
         raise ParamsError(f"{params_path}: train: expected a mapping of settings")
-    section = {**section, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    return validate_section(TrainParams, section, str(params_path), "train")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    params = validate_section(TrainParams, {**section, **overrides}, str(params_path), "train")
+    if params.task == "inpaint" and "max_steps" in overrides:  # the command line wins over train.inpaint.max_steps
+        params = params.model_copy(update={"inpaint": params.inpaint.model_copy(
+            update={"max_steps": overrides["max_steps"]})})
+    return resolve_task(params)
+
+
+def resolve_task(params: TrainParams) -> TrainParams:
+    """The params as the task runs them: for `inpaint`, its own output and checkpoint folders and its start.
+
+    The inpainting model must never overwrite the text-to-image model it starts from, nor mix checkpoints with
+    it, so `output_dir`/`checkpoint_dir` become `inpaint.output_dir`/`inpaint.checkpoint_dir` (default: the
+    text-to-image folders + "-inpaint") and `inpaint.init_from` defaults to the text-to-image `output_dir`;
+    `inpaint.max_steps`, where set, replaces `max_steps`. Applying it twice changes nothing.
+    """
+    if params.task != "inpaint":
+        return params
+    inpaint = params.inpaint.model_copy(update={
+        "init_from": params.inpaint.init_from or params.output_dir,
+        "output_dir": params.inpaint.output_dir or f"{params.output_dir}-inpaint",
+        "checkpoint_dir": params.inpaint.checkpoint_dir or f"{params.checkpoint_dir}-inpaint",
+        "max_steps": params.inpaint.max_steps or params.max_steps,
+    })
+    if Path(str(inpaint.output_dir)).resolve() == Path(str(inpaint.init_from)).resolve():
+        raise ParamsError(f"train.inpaint.output_dir {inpaint.output_dir!r} is the model it starts from "
+                          "(train.inpaint.init_from): give the inpainting model its own folder")
+    return params.model_copy(update={"output_dir": inpaint.output_dir, "checkpoint_dir": inpaint.checkpoint_dir,
+                                     "max_steps": inpaint.max_steps, "inpaint": inpaint})

@@ -1,9 +1,12 @@
 """Train Text2Earth: DCA condition dropping, epsilon loss with min-SNR weighting, EMA, resumable checkpoints.
 
+`task: inpaint` trains the editing model the same way, from the text-to-image model (`model.inpaint`), with a
+random mask per sample (`model.masks`) whose masked image and mask join the UNet's input.
+
 accelerate picks the device and the processes, so one command trains on a CPU, one GPU, several GPUs (DDP)
 or several machines. Every random draw of a step (noise, timesteps, DCA drops) comes from a generator seeded
 by (seed, batch index, rank) and the data stream restarts at the batch index, so a run resumed from a
-checkpoint ends with exactly the weights of a run that was never interrupted.
+checkpoint ends with exactly the weights of a run that was never interrupted (masks included).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.config import NULL_LEVEL, TrainParams
+from model.config import NULL_LEVEL, InpaintParams, TrainParams, resolve_task
 from pipeline.errors import ParamsError
 
 __all__ = [
@@ -36,7 +39,9 @@ __all__ = [
     "dca_masks",
     "diffusion_loss",
     "files_only_live",
+    "inpaint_masks",
     "prepare_training",
+    "run_fingerprint",
     "step_draws",
     "step_seed",
     "summary_line",
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LATENT_CACHE_BYTES = 2 * 1024**3  # latents kept per process; a sample run's few hundred chips need ~40 MB
 LOSS_WINDOW = 10  # optimizer steps averaged for the reported final loss
+MASK_STREAM = 1  # the inpainting masks' entropy word next to the step seed
 
 
 # --- the random draws of one step ------------------------------------------------------------------------------
@@ -88,6 +94,18 @@ def step_draws(seed: int, latent_shape: tuple[int, ...], *, num_train_timesteps:
     timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     drop_text, drop_res = dca_masks(batch, p_text, p_res, generator)
     return StepDraws(noise, timesteps, drop_text, drop_res)
+
+
+def inpaint_masks(seed: int, batch: int, height: int, width: int, settings: InpaintParams) -> torch.Tensor:
+    """The batch's random inpainting masks (B x 1 x H x W, 1 = repaint), from the step's seed.
+
+    numpy draws them from its own stream of the seed, so adding masks changes no other draw of the step.
+    """
+    from model.masks import random_masks
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, MASK_STREAM]))
+    return torch.from_numpy(random_masks(rng, batch, height, width, kinds=settings.mask_kinds,
+                                         max_shapes=settings.max_shapes, p_full=settings.p_full_mask))
 
 
 def apply_dca(text_embeds: torch.Tensor, null_text_embeds: torch.Tensor, levels: torch.Tensor,
@@ -254,7 +272,8 @@ def summary_line(summary: Mapping[str, Any]) -> str:
     resumed = f", resumed at step {summary['start_step']}" if summary["start_step"] else ""
     loss = summary.get("final_loss")
     loss_text = f"final loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "no step run"
-    return (f"train: {summary['steps']} steps ({summary['size']}, {summary['num_processes']} process(es)"
+    task = ", inpainting" if summary.get("task") == "inpaint" else ""
+    return (f"train: {summary['steps']} steps ({summary['size']}{task}, {summary['num_processes']} process(es)"
             f"{resumed}) in {minutes}m{seconds:02d}s, {summary['samples_per_s']:.2f} samples/s, {loss_text} "
             f"-> {summary['output_dir']}")
 
@@ -346,6 +365,8 @@ class TrainingRun:
                            p_text=params.p_text_drop, p_res=params.p_res_drop, noise_offset=params.noise_offset)
         noise, timesteps = draws.noise.to(device), draws.timesteps.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
+        if params.task == "inpaint":
+            noisy = self._with_inpaint_inputs(noisy, batch, seed)
         metadata = {f: batch[f].to(device) for f in self.metadata_fields} or None
         text, levels, gsd_m, metadata = apply_dca(text_embeds, self.frozen.null_text, batch["level"].to(device),
                                                   draws.drop_text, draws.drop_res, gsd_m=batch["gsd_m"].to(device),
@@ -356,6 +377,19 @@ class TrainingRun:
         else:
             target = noise
         return diffusion_loss(model_pred, target, timesteps, scheduler, params.snr_gamma)
+
+    def _with_inpaint_inputs(self, noisy: torch.Tensor, batch: Mapping[str, Any], seed: int) -> torch.Tensor:
+        """The inpainting UNet's input: the noisy latents, then the batch's random masks and masked images."""
+        from model.inpaint import inpaint_model_input, prepare_inpaint_inputs
+
+        if "pixel_values" not in batch:
+            raise ParamsError("train.task inpaint masks the images, so batches need `pixel_values`; a data set of "
+                              "precomputed latents only trains text2image")
+        pixels = batch["pixel_values"].to(self.accelerator.device, non_blocking=True)
+        masks = inpaint_masks(seed, pixels.shape[0], pixels.shape[-2], pixels.shape[-1], self.params.inpaint)
+        with torch.no_grad(), self.accelerator.autocast():
+            inputs = prepare_inpaint_inputs(self.frozen.vae, pixels, masks, sample=True)
+        return inpaint_model_input(noisy, inputs)
 
     def step(self, batches: Sequence[Mapping[str, Any]], step: int) -> tuple[float, float]:
         """One optimizer step over `gradient_accumulation_steps` batches; (loss averaged over processes, grad norm).
@@ -394,14 +428,16 @@ def prepare_training(params: TrainParams, *, cache_latents: bool | None = None) 
     from diffusers.training_utils import EMAModel
 
     from model.components import build_components
+    from model.inpaint import inpaint_components
 
+    params = resolve_task(params)
     if params.threads:
         torch.set_num_threads(params.threads)
     accelerator = Accelerator(mixed_precision=params.mixed_precision,
                               gradient_accumulation_steps=params.gradient_accumulation_steps,
                               dynamo_backend="inductor" if params.compile else None)
     set_seed(params.seed)  # the same initial weights on every process and in every resumption
-    components = build_components(params)
+    components = inpaint_components(params) if params.task == "inpaint" else build_components(params)
     if cache_latents is None:
         configured = getattr(params, "cache_latents", None)  # a `train.cache_latents` key, where params have one
         cache_latents = accelerator.device.type == "cpu" if configured is None else bool(configured)
@@ -445,7 +481,6 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
     from model.checkpoint import (
         clear_checkpoints,
         load_checkpoint,
-        params_fingerprint,
         remove_stale_temporaries,
         resolve_resume,
         save_checkpoint,
@@ -455,7 +490,8 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
     started = time.perf_counter()
     from model.data import expand_shards
 
-    fingerprint = params_fingerprint(params, expand_shards(params.shards), code=True)
+    params = resolve_task(params)
+    fingerprint = run_fingerprint(params, expand_shards(params.shards))
     checkpoint = resolve_resume(resume, params.checkpoint_dir, fingerprint)  # a bad path fails before any work
     run = prepare_training(params)
     accelerator = run.accelerator
@@ -505,7 +541,8 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
             bar.update(1)
             if done % params.checkpoint_every == 0 or done == params.max_steps:
                 save_checkpoint(accelerator, params.checkpoint_dir, done, ema=run.ema, keep=params.keep_checkpoints,
-                                extra={"seed": params.seed, "size": params.size, "params_fingerprint": fingerprint,
+                                extra={"seed": params.seed, "size": params.size, "task": params.task,
+                                       "params_fingerprint": fingerprint,
                                        "torch_threads": torch.get_num_threads()})
     finally:
         bar.close()
@@ -515,7 +552,7 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
             run.ema.copy_to(run.bare_unet.parameters())
         run.bare_unet.eval()
         scheduler = DPMSolverMultistepScheduler.from_config(run.noise_scheduler.config)
-        pipeline = _export(run.components, run.bare_unet, scheduler, params.output_dir)
+        pipeline = _export(run.components, run.bare_unet, scheduler, params.output_dir, params.task)
         if samples_path:
             _save_grid(pipeline, params, samples_path, done_steps=params.max_steps)
     steps_run = params.max_steps - start_step
@@ -525,6 +562,7 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
         "start_step": start_step,
         "steps_run": steps_run,
         "size": params.size,
+        "task": params.task,
         "num_processes": world,
         "batch_size": params.batch_size,
         "effective_batch_size": samples_per_step,
@@ -546,12 +584,38 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
     return summary
 
 
-def _export(components: Mapping[str, Any], unet: Any, scheduler: Any, output_dir: str) -> Any:
+def run_fingerprint(params: TrainParams, shards: Sequence[str]) -> str:
+    """What a checkpoint of this run depends on (`model.checkpoint.params_fingerprint`, with the code), per task.
+
+    A text-to-image run ignores the `inpaint` settings. An inpainting run also depends on the UNet weights it
+    starts from (read once per start: seconds for SD2-base), so a retrained text-to-image model restarts it;
+    its folders and step count count no more than the text-to-image ones do.
+    """
+    from model.checkpoint import params_fingerprint
+
+    if params.task != "inpaint":
+        return params_fingerprint(params.model_copy(update={"inpaint": InpaintParams.model_validate({})}), shards,
+                                  code=True)
+    view = params.model_copy(update={"inpaint": params.inpaint.model_copy(  # as their top-level twins
+        update={"output_dir": None, "checkpoint_dir": None, "max_steps": None})})
+    digest = hashlib.sha256(params_fingerprint(view, shards, code=True).encode())
+    unet_dir = Path(str(params.inpaint.init_from)) / "unet"
+    for path in sorted(unet_dir.glob("*")) if unet_dir.is_dir() else []:
+        if path.is_file():
+            with path.open("rb") as handle:
+                digest.update(path.name.encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def _export(components: Mapping[str, Any], unet: Any, scheduler: Any, output_dir: str, task: str = "text2image",
+            ) -> Any:
     """save_pretrained into a sibling temporary folder, then swap it in: a killed export leaves the old model."""
+    from model.inpaint import Text2EarthInpaintPipeline
     from model.pipeline import Text2EarthPipeline
 
-    pipeline: Any = Text2EarthPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
-                                  tokenizer=components["tokenizer"], unet=unet, scheduler=scheduler)
+    pipeline_class = Text2EarthInpaintPipeline if task == "inpaint" else Text2EarthPipeline
+    pipeline: Any = pipeline_class(vae=components["vae"], text_encoder=components["text_encoder"],
+                                   tokenizer=components["tokenizer"], unet=unet, scheduler=scheduler)
     target = Path(output_dir)
     temp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(temp, ignore_errors=True)
@@ -572,10 +636,25 @@ def _save_grid(pipeline: Any, params: TrainParams, samples_path: str, done_steps
     from model.validation import validation_grid
 
     pipeline.set_progress_bar_config(disable=True)
-    grid = validation_grid(pipeline, params.validation_prompts, params.validation_levels,
-                           steps=params.validation_steps, guidance_scale=params.guidance_scale, seed=params.seed,
-                           title=f"{params.size}, {done_steps} steps, EMA, s={params.guidance_scale:g}")
+    title = f"{params.size}, {done_steps} steps, EMA, s={params.guidance_scale:g}"
+    if params.task == "inpaint":
+        grid = _inpaint_grid(pipeline, params, title)
+    else:
+        grid = validation_grid(pipeline, params.validation_prompts, params.validation_levels,
+                               steps=params.validation_steps, guidance_scale=params.guidance_scale, seed=params.seed,
+                               title=title)
     path = Path(samples_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
+
+
+def _inpaint_grid(pipeline: Any, params: TrainParams, title: str) -> Any:
+    """The validation prompts x levels repainting the centre of the first training chip."""
+    from model.data import training_stream
+    from model.inpaint import centre_box_mask, inpaint_validation_grid
+
+    image = next(training_stream(params, pipeline.tokenizer, seed=params.seed))["pixel_values"][:1]
+    return inpaint_validation_grid(pipeline, image, centre_box_mask(*image.shape[-2:]), params.validation_prompts,
+                                   params.validation_levels, steps=params.validation_steps,
+                                   guidance_scale=params.guidance_scale, seed=params.seed, title=title)

@@ -35,7 +35,22 @@ after an interruption (even kill -9):
                                        weights end exactly as in an uninterrupted run (CPU: same train.threads)
   A checkpoint made with other train params is ignored by `latest` (max_steps may grow when the LR schedule
   is constant), and a run that starts from step 0 first clears train.checkpoint_dir.
+
+the editing (inpainting) model, once the text-to-image model is trained:
+  text2earth train --task inpaint      copies the text-to-image UNet (train.inpaint.init_from, default
+                                       train.output_dir) into one that also takes a mask and the masked image
+                                       (new input weights start at zero), trains it on random boxes, brush strokes
+                                       and soft cloud-like blobs, and exports it to train.inpaint.output_dir
+                                       (default {train.output_dir}-inpaint) for `text2earth edit`. Its checkpoints
+                                       ({train.checkpoint_dir}-inpaint), metrics/train_inpaint.json,
+                                       metrics/train_inpaint_samples.png and dvclive-inpaint/ never mix with the
+                                       text-to-image run's; a retrained text-to-image model restarts it.
 """
+
+TASK_OUTPUTS = {  # --metrics, --samples, --live-dir defaults per task, so the two runs never share files
+    "text2image": ("metrics/train.json", "metrics/train_samples.png", "dvclive"),
+    "inpaint": ("metrics/train_inpaint.json", "metrics/train_inpaint_samples.png", "dvclive-inpaint"),
+}
 
 def add_parser(subparsers: Any) -> None:
     """Register `train`."""
@@ -45,12 +60,16 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--resume", metavar="latest|PATH",
                    help="continue from the newest complete checkpoint (`latest`, fresh start when there is none) "
                         "or from a checkpoint-N folder")
+    t.add_argument("--task", choices=sorted(TASK_OUTPUTS),
+                   help="text2image (the Text2Earth model) or inpaint (the editing model; default: train.task)")
     t.add_argument("--max-steps", type=int, help="optimizer steps in total (default: train.max_steps)")
-    t.add_argument("--metrics", type=Path, default=Path("metrics/train.json"),
-                   help="summary for `dvc metrics show` (default: %(default)s)")
-    t.add_argument("--samples", type=Path, default=Path("metrics/train_samples.png"),
-                   help="validation grid (default: %(default)s)")
-    t.add_argument("--live-dir", default="dvclive", help="DVCLive folder (default: %(default)s)")
+    t.add_argument("--metrics", type=Path,
+                   help="summary for `dvc metrics show` (default: metrics/train.json, inpaint: "
+                        "metrics/train_inpaint.json)")
+    t.add_argument("--samples", type=Path,
+                   help="validation grid (default: metrics/train_samples.png, inpaint: "
+                        "metrics/train_inpaint_samples.png)")
+    t.add_argument("--live-dir", help="DVCLive folder (default: dvclive, inpaint: dvclive-inpaint)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
 
@@ -62,13 +81,15 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
     from model.config import load_train_params
     from model.train import summary_line, train
 
-    params = load_train_params(args.params, {"max_steps": args.max_steps})
-    summary = train(params, resume=args.resume, progress=not args.no_progress, live_dir=args.live_dir,
-                    samples_path=str(args.samples))
+    params = load_train_params(args.params, {"max_steps": args.max_steps, "task": args.task})
+    metrics_default, samples_default, live_default = TASK_OUTPUTS[params.task]
+    metrics = args.metrics or Path(metrics_default)
+    summary = train(params, resume=args.resume, progress=not args.no_progress, live_dir=args.live_dir or live_default,
+                    samples_path=str(args.samples or samples_default))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         print(summary_line(summary))
     return 0
