@@ -193,21 +193,30 @@ class Text2EarthPipeline(DiffusionPipeline):
     def guided_noise(self, latents: torch.Tensor, t: torch.Tensor | int, text_embeds: torch.Tensor,
                      levels: torch.Tensor, null_text_embeds: torch.Tensor | None, guidance_scale: float, *,
                      gsd_m: torch.Tensor | None = None, metadata: Mapping[str, torch.Tensor] | None = None,
-                     ) -> torch.Tensor:
+                     batch_guidance: bool = True) -> torch.Tensor:
         """Joint guidance eps_u + s * (eps_c - eps_u), eps_u with null text and null level (and metadata).
 
         s == 1 (or no null text) is the conditional prediction alone, so the unconditional pass is skipped.
-        Both branches run as one batch of twice the size.
+        `batch_guidance`: both branches as one batch of twice the size (fewer, larger kernels: faster where the
+        device is not saturated) or as two passes (half the peak activation memory); equal up to float rounding.
         """
         if guidance_scale == 1 or null_text_embeds is None:
             return self.predict_noise(latents, t, text_embeds, levels, gsd_m=gsd_m, metadata=metadata)
         null_levels = torch.full_like(levels, NULL_LEVEL)
-        both_gsd = None if gsd_m is None else torch.cat([torch.full_like(gsd_m, math.nan), gsd_m])
-        both_metadata = None if metadata is None else {
-            name: torch.cat([torch.full_like(value, math.nan), value]) for name, value in metadata.items()}
-        noise = self.predict_noise(torch.cat([latents, latents]), t, torch.cat([null_text_embeds, text_embeds]),
-                                   torch.cat([null_levels, levels]), gsd_m=both_gsd, metadata=both_metadata)
-        unconditional, conditional = noise.chunk(2)
+        null_gsd = None if gsd_m is None else torch.full_like(gsd_m, math.nan)
+        null_metadata = None if metadata is None else {
+            name: torch.full_like(value, math.nan) for name, value in metadata.items()}
+        if batch_guidance:
+            both_gsd = None if gsd_m is None or null_gsd is None else torch.cat([null_gsd, gsd_m])
+            both_metadata = None if metadata is None or null_metadata is None else {
+                name: torch.cat([null_metadata[name], value]) for name, value in metadata.items()}
+            noise = self.predict_noise(torch.cat([latents, latents]), t, torch.cat([null_text_embeds, text_embeds]),
+                                       torch.cat([null_levels, levels]), gsd_m=both_gsd, metadata=both_metadata)
+            unconditional, conditional = noise.chunk(2)
+        else:
+            unconditional = self.predict_noise(latents, t, null_text_embeds, null_levels, gsd_m=null_gsd,
+                                               metadata=null_metadata)
+            conditional = self.predict_noise(latents, t, text_embeds, levels, gsd_m=gsd_m, metadata=metadata)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     # --- generation ------------------------------------------------------------------------------------------
@@ -241,6 +250,7 @@ class Text2EarthPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         metadata: Mapping[str, float | Sequence[float]] | None = None,
+        batch_guidance: bool = True,
     ) -> Text2EarthPipelineOutput | tuple[Any, list[int]]:
         """Generate images for prompts at resolution levels.
 
@@ -249,7 +259,8 @@ class Text2EarthPipeline(DiffusionPipeline):
         `"{level}_GOOGLE_LEVEL_"` prefix on the prompt does. `guidance_scale` is s = 1 + omega (4 is the paper's
         best); 1 skips the unconditional pass. `negative_prompt` replaces the empty prompt of the unconditional
         branch, whose level stays 0. `metadata` ({"lon": ..., "lat": ..., "month": ...}) feeds a UNet built with
-        metadata embeddings. `output_type`: "pil", "np", "pt" or "latent".
+        metadata embeddings. `output_type`: "pil", "np", "pt" or "latent". `batch_guidance`: the two guidance
+        branches as one doubled UNet batch (default) or two passes (see `guided_noise`).
         """
         # 1. check inputs
         if (prompt is None) == (prompt_embeds is None):
@@ -259,6 +270,10 @@ class Text2EarthPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise GenerationInputError(f"`output_type` must be pil, np, pt or latent, got {output_type!r}")
         self._check_size(height, width)
+        if self.unet.config.in_channels != self.unet.config.out_channels:
+            raise GenerationInputError(
+                f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} "
+                "output channels: an inpainting model; load it with Text2EarthInpaintPipeline (`text2earth edit`)")
         conditioning = unet_conditioning(self.unet)
         unknown = sorted(set(metadata or {}) - set(conditioning.metadata if conditioning else []))
         if unknown:
@@ -315,7 +330,7 @@ class Text2EarthPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(latents, t)
             noise = self.guided_noise(model_input, t, text_embeds, level_rows, null_text_embeds, guidance_scale,
-                                      gsd_m=gsd_rows, metadata=metadata_rows)
+                                      gsd_m=gsd_rows, metadata=metadata_rows, batch_guidance=batch_guidance)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
 
         # 5. decode

@@ -330,3 +330,12 @@ def test_components_from_scratch_fit_together(tmp_path: Path) -> None:
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.vae) is type(vae)
     np.testing.assert_array_equal(images, _generate(loaded, resolution_level=15, height=64, width=64).images)
+
+
+def test_an_inpainting_unet_is_refused_with_the_pipeline_to_use() -> None:
+    from model.inpaint import inpaint_unet_from
+
+    components = _components()
+    components["unet"] = inpaint_unet_from(components["unet"])
+    with pytest.raises(GenerationInputError, match="Text2EarthInpaintPipeline"):
+        _generate(_pipeline(**components), num_inference_steps=1)
