@@ -13,7 +13,7 @@ import sys
 
 from pipeline.beam_worker import DropHarnessChatter
 from pipeline.errors import Text2EarthError
-from stages import cards, curation, generate, harvest, publish, train
+from stages import cards, curation, edit, evaluate, generate, harvest, publish, train
 
 DESCRIPTION = """\
 text2earth rebuilds a Git-10M-style remote-sensing image-text dataset and trains the Text2Earth
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     cards.add_parser(subparsers)
     train.add_parser(subparsers)
     generate.add_parser(subparsers)
+    edit.add_parser(subparsers)
+    evaluate.add_parser(subparsers)
     return parser
 
 
