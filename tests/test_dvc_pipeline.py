@@ -1,9 +1,10 @@
-"""The DVC graph: `dvc repro` runs harvest, every curation stage, publish, cards and train; a changed CLIP
-threshold re-runs only the filter and what follows it, a publish setting only publish, cards and train, and a
-train setting only train."""
+"""The DVC graph: `dvc repro` runs harvest, every curation stage, publish, cards, train, train_inpaint and
+evaluate; a changed CLIP threshold re-runs only the filter and what follows it, a publish setting only publish
+and what follows, and a train setting only the model stages."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,12 @@ def _repro(cwd: Path) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", out.stdout)
 
 
+def _after_publish(ran: list[str], cards: bool = True) -> bool:
+    """cards, train, train_inpaint and evaluate, the last two after train (cards may run anywhere among them)."""
+    expected = sorted(["evaluate", "train", "train_inpaint"] + (["cards"] if cards else []))
+    return sorted(ran) == expected and ran.index("train") < min(ran.index("evaluate"), ran.index("train_inpaint"))
+
+
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_path: Path) -> None:
     work = tmp_path / "project"
@@ -40,24 +47,32 @@ def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_pat
     params["clip"].update({"model": "clip-tiny-test", "model_config_path": str(CLIP_TINY), "batch_size": 8,
                            "cache_dir": str(tmp_path / "cache")})
     params["train"].update({"max_steps": 4, "batch_size": 2, "checkpoint_every": 2, "validation_steps": 2,
-                            "validation_prompts": ["a river"], "validation_levels": [15]})
+                            "validation_prompts": ["a river"], "validation_levels": [15],
+                            "inpaint": {"max_steps": 2}})
+    params["evaluate"].update({"steps": 2, "images_per_caption": 1, "images_per_level": 1, "max_chips_per_level": 5,
+                               "clip_model": "clip-tiny-test", "clip_model_config_path": str(CLIP_TINY),
+                               "classifier": {"epochs": 1, "image_size": 32}, "cache_dir": str(tmp_path / "eval"),
+                               "level_classifier": {"epochs": 1, "image_size": 32}, "device": "cpu"})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     curation = ["harvest", "geo", "caption", "clip", "filter", "dedup", "curate", "publish"]
     ran = _repro(work)
-    assert ran[:len(curation)] == curation and sorted(ran[len(curation):]) == ["cards", "train"]
+    assert ran[:len(curation)] == curation and _after_publish(ran[len(curation):])
     assert (work / "data" / "git10m" / "checksums.sha256").exists()
     assert (work / "data_cards" / "croissant.json").exists() and (work / "data_cards" / "site" / "index.html").exists()
     assert (work / "models" / "text2earth" / "model_index.json").exists()
+    assert (work / "models" / "text2earth-inpaint" / "model_index.json").exists()
     assert (work / "metrics" / "train_samples.png").exists() and (work / "dvclive" / "metrics.json").exists()
+    report = json.loads((work / "metrics" / "eval.json").read_text())
+    assert all(report[m]["extractor"] for m in ("fid", "kid", "cls_oa", "clip_score", "cmmd", "level_accuracy"))
     assert _repro(work) == []
     params["filter"]["top_percent"] = 50
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _repro(work)
-    assert ran[:4] == ["filter", "dedup", "curate", "publish"] and sorted(ran[4:]) == ["cards", "train"]
+    assert ran[:4] == ["filter", "dedup", "curate", "publish"] and _after_publish(ran[4:])
     params["publish"]["samples_per_shard"] = 16
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _repro(work)
-    assert ran[0] == "publish" and sorted(ran[1:]) == ["cards", "train"]
+    assert ran[0] == "publish" and _after_publish(ran[1:])
     params["train"]["learning_rate"] = 0.001
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _repro(work) == ["train"]
+    assert _after_publish(_repro(work), cards=False)
