@@ -102,6 +102,7 @@ def test_readme_duckdb_queries_return_what_it_shows(sample_harvest: Path, readme
                 direct = con.sql(m["sql"]).df()
             finally:
                 os.chdir(cwd)
+            cli, direct = (frame.astype(object).where(frame.notna(), None) for frame in (cli, direct))  # NULL: None
             pd.testing.assert_frame_equal(cli, direct, check_dtype=False)
     if os.environ.get("UPDATE_README"):
         for m, result in reversed(list(zip(matches, results, strict=True))):
