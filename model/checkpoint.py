@@ -38,6 +38,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+LOGS_DIR = "dvclive"  # the DVCLive history up to the checkpoint's step
 EMA_FILE = "ema.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TEMP_PREFIX = ".tmp-checkpoint-"
@@ -152,12 +153,14 @@ def _state_dict_of(ema: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator: Any, root: str | Path, step: int, *, ema: Any | None, keep: int,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, logs: str | Path | None = None) -> Path:
     """Save model, optimizer, LR schedule, RNG states (accelerate) and EMA as `root/checkpoint-{step}`.
 
     Every process must call this (accelerate saves one RNG state per process); only the main process
     creates, renames and deletes folders. The oldest complete checkpoints beyond `keep` are removed.
-    Multi-node runs need `root` on a filesystem all nodes share.
+    Multi-node runs need `root` on a filesystem all nodes share. `logs` (the DVCLive folder) is copied in, so
+    a resumed run continues the history of the checkpoint's step even where the folder was deleted meanwhile
+    (`dvc repro` removes a stage's outputs before running it).
     """
     root = Path(root)
     final = root / f"checkpoint-{step}"
@@ -173,6 +176,8 @@ def save_checkpoint(accelerator: Any, root: str | Path, step: int, *, ema: Any |
             torch.save(_state_dict_of(ema), temp / EMA_FILE)
         state = {"step": step, "num_processes": accelerator.num_processes, **(extra or {})}
         (temp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        if logs is not None and Path(logs).is_dir():
+            shutil.copytree(logs, temp / LOGS_DIR)
         _fsync_tree(temp)
         if final.exists():  # a re-run over an older checkpoint of the same step
             shutil.rmtree(final)
@@ -205,6 +210,16 @@ def load_checkpoint(accelerator: Any, path: Path, *, ema: Any | None) -> dict[st
         else:
             log.warning("%s has no EMA weights: the EMA restarts from the current weights", path)
     return state
+
+
+def restore_logs(checkpoint: Path, logs: str | Path) -> bool:
+    """Put the checkpoint's copy of the DVCLive folder back in place of `logs`; False when it has none."""
+    saved = checkpoint / LOGS_DIR
+    if not saved.is_dir():
+        return False
+    shutil.rmtree(logs, ignore_errors=True)
+    shutil.copytree(saved, logs)
+    return True
 
 
 def remove_stale_temporaries(root: str | Path) -> None:

@@ -483,6 +483,7 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
         load_checkpoint,
         remove_stale_temporaries,
         resolve_resume,
+        restore_logs,
         save_checkpoint,
     )
     from model.data import training_stream
@@ -516,6 +517,8 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
     world = accelerator.num_processes
     stream = training_stream(params, run.components["tokenizer"], seed=params.seed, start_step=start_step * accum,
                              rank=accelerator.process_index, world_size=world)
+    if main and checkpoint is not None and not restore_logs(checkpoint, live_dir):
+        log.info("%s holds no DVCLive history: continuing the one in %s", checkpoint, live_dir)
     live = files_only_live(live_dir, start_step) if main else None  # params are in params.yaml already
     bar = _progress_bar(params, start_step, progress and main)
     samples_per_step = params.batch_size * accum * world
@@ -543,7 +546,8 @@ def train(params: TrainParams, *, resume: str | None = None, progress: bool = Tr
                 save_checkpoint(accelerator, params.checkpoint_dir, done, ema=run.ema, keep=params.keep_checkpoints,
                                 extra={"seed": params.seed, "size": params.size, "task": params.task,
                                        "params_fingerprint": fingerprint,
-                                       "torch_threads": torch.get_num_threads()})
+                                       "torch_threads": torch.get_num_threads()},
+                                logs=live_dir if live is not None else None)
     finally:
         bar.close()
     accelerator.wait_for_everyone()

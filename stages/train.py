@@ -89,7 +89,25 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        summary = with_earlier_figures(summary, metrics)
         metrics.parent.mkdir(parents=True, exist_ok=True)
         metrics.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         print(summary_line(summary))
     return 0
+
+
+TRAINING_FIGURES = ("first_loss", "final_loss", "samples_per_s", "seconds", "latent_cache_hits",
+                    "latent_cache_misses")
+
+
+def with_earlier_figures(summary: dict[str, Any], metrics: Path) -> dict[str, Any]:
+    """A run resumed at its last step trains nothing (e.g. `dvc repro` after a params edit that changes no
+    step): keep the loss and speed the earlier run of the same steps recorded, instead of writing blanks."""
+    if summary.get("steps_run") or not metrics.is_file():
+        return summary
+    try:
+        earlier = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return summary
+    same = all(earlier.get(k) == summary.get(k) for k in ("steps", "size", "output_dir", "task"))
+    return {**summary, **{k: earlier[k] for k in TRAINING_FIGURES if k in earlier}} if same else summary

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -438,9 +439,12 @@ def test_stop_after_a_checkpoint_then_resume_gives_the_same_weights(reference_ru
     params = tiny_params(tmp_path, chips8, max_steps=6)  # stops right after checkpoint-6
     train(params, progress=False, live_dir=str(tmp_path / "live"), samples_path=None)
     reset_accelerate()
+    shutil.rmtree(tmp_path / "live")  # `dvc repro` deletes the stage's outputs before it runs: the checkpoint has them
     summary = train(params.model_copy(update={"max_steps": 12}), resume="latest", progress=False,
                     live_dir=str(tmp_path / "live"), samples_path=None)
     assert summary["start_step"] == 6 and summary["steps_run"] == 6
+    rows = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(1, 13)), rows  # the whole history, once
     ours, reference = tmp_path / "checkpoints" / "checkpoint-12", ref_dir / "checkpoints" / "checkpoint-12"
     assert_same_tensors(load_checkpoint_weights(ours), load_checkpoint_weights(reference))
     assert_same_tensors(ema_weights(ours), ema_weights(reference))
@@ -561,3 +565,17 @@ def test_two_process_ddp_on_cpu_trains_and_exports(chips8: str, tmp_path: Path) 
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert (tmp_path / "model" / "model_index.json").is_file()
+
+
+def test_a_run_resumed_at_its_last_step_keeps_the_recorded_figures(tmp_path: Path) -> None:
+    from stages.train import with_earlier_figures
+
+    metrics = tmp_path / "train.json"
+    base = {"steps": 300, "size": "tiny", "output_dir": "models/text2earth", "task": "text2image"}
+    metrics.write_text(json.dumps({**base, "steps_run": 300, "final_loss": 0.33, "samples_per_s": 4.1,
+                                   "seconds": 300.0}))
+    resumed = {**base, "steps_run": 0, "start_step": 300, "final_loss": None, "samples_per_s": 0.0, "seconds": 20.0}
+    kept = with_earlier_figures(resumed, metrics)
+    assert (kept["final_loss"], kept["samples_per_s"], kept["seconds"], kept["start_step"]) == (0.33, 4.1, 300.0, 300)
+    assert with_earlier_figures({**resumed, "steps": 400}, metrics)["final_loss"] is None  # other steps: not the same
+    assert with_earlier_figures({**resumed, "steps_run": 5, "final_loss": 0.2}, metrics)["final_loss"] == 0.2
