@@ -203,8 +203,12 @@ class _Segment:
             yield {"url": url}
 
     def _samples(self) -> Iterator[ShardSample]:
-        """Samples that pass the filters, in shard order; the image stays encoded."""
-        for raw in wds.tarfile_samples(self._shard_urls()):
+        """Samples that pass the filters, in shard order; the image stays encoded.
+
+        Each drawn shard is grouped on its own: webdataset groups files by key across the whole stream, so a
+        one-sample shard drawn twice in a row would otherwise look like one sample with duplicate files.
+        """
+        for raw in (raw for shard in self._shard_urls() for raw in wds.tarfile_samples([shard])):
             image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if image_ext is None or "json" not in raw:
                 log.warning("skipping %s in %s: no image or json", raw.get("__key__"), raw.get("__url__"))

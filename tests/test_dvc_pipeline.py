@@ -47,8 +47,8 @@ def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_pat
     params["clip"].update({"model": "clip-tiny-test", "model_config_path": str(CLIP_TINY), "batch_size": 8,
                            "cache_dir": str(tmp_path / "cache")})
     params["train"].update({"max_steps": 4, "batch_size": 2, "checkpoint_every": 2, "validation_steps": 2,
-                            "validation_prompts": ["a river"], "validation_levels": [15],
-                            "inpaint": {"max_steps": 2}})
+                            "validation_prompts": ["a river"], "validation_levels": [15]})
+    params["train"]["inpaint"]["max_steps"] = 2
     params["evaluate"].update({"steps": 2, "images_per_caption": 1, "images_per_level": 1, "max_chips_per_level": 5,
                                "clip_model": "clip-tiny-test", "clip_model_config_path": str(CLIP_TINY),
                                "classifier": {"epochs": 1, "image_size": 32}, "cache_dir": str(tmp_path / "eval"),

@@ -3,11 +3,13 @@ keeps the GSD honest, and resume-exactness (a stream started at batch k equals a
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
 import tarfile
 from glob import glob
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -241,3 +243,18 @@ def test_missing_shards_name_the_param(tmp_path: Any) -> None:
     (tmp_path / "a.tar").write_bytes(b"")
     listing.write_text(f"{tmp_path / 'a.tar'}\n\n")
     assert expand_shards(str(listing)) == [str(tmp_path / "a.tar")]
+
+
+def test_a_one_sample_shard_drawn_again_and_again_streams(published: str, tokenizer: Any, tmp_path: Any) -> None:
+    """Resampling draws the same shard twice in a row; its sample must not merge with itself (duplicate files)."""
+    source = sorted(Path(published, "shards").glob("git10m-*.tar"))[0]
+    with tarfile.open(source) as tar:
+        members = tar.getmembers()
+        key = members[0].name.split(".", 1)[0]
+        files = [(m, tar.extractfile(m).read()) for m in members if m.name.split(".", 1)[0] == key]  # type: ignore[union-attr]
+    single = tmp_path / "one-000000.tar"
+    with tarfile.open(single, "w") as out:
+        for member, data in files:
+            out.addfile(member, io.BytesIO(data))
+    batches = take(make_params(str(tmp_path), shards=str(single)), tokenizer, 3)
+    assert [k for b in batches for k in b["key"]] == [key] * 12
