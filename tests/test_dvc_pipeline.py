@@ -33,6 +33,7 @@ def _after_publish(ran: list[str], cards: bool = True) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # five `dvc repro` runs, three of them training and evaluating (~6 min on 2 free cores)
 def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_path: Path) -> None:
     work = tmp_path / "project"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
