@@ -76,4 +76,4 @@ def test_repro_runs_every_stage_and_a_change_reruns_only_what_follows_it(tmp_pat
     assert ran[0] == "publish" and _after_publish(ran[1:])
     params["train"]["learning_rate"] = 0.001
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _after_publish(_repro(work), cards=False)
+    assert _after_publish(_repro(work))  # cards too: they quote params.yaml
