@@ -27,10 +27,7 @@ from model.pipeline import (
     GenerationInputError,
     Text2EarthPipeline,
     Text2EarthPipelineOutput,
-    _per_prompt,
-    split_level_prefix,
 )
-from model.unet import unet_conditioning
 from pipeline.errors import ParamsError, Text2EarthError
 
 __all__ = [
@@ -184,27 +181,6 @@ class Text2EarthInpaintPipeline(Text2EarthPipeline):
                 "text-to-image model: train an inpainting one with `text2earth train --task inpaint`")
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
-    def _text_conditions(self, captions: list[str] | None, prompt_embeds: torch.Tensor | None, batch: int,
-                         per_prompt: int, negative_prompt: str | list[str] | None,
-                         negative_prompt_embeds: torch.Tensor | None, guidance_scale: float, device: torch.device,
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt and null-branch text embeddings, one row per image (as `Text2EarthPipeline.__call__`)."""
-        if prompt_embeds is None:
-            text_embeds = self.encode_prompt(captions or [], per_prompt, device)
-        else:
-            text_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(per_prompt, dim=0)
-        if guidance_scale == 1:
-            return text_embeds, None
-        if negative_prompt_embeds is not None:
-            null_embeds = negative_prompt_embeds.to(device, self.unet.dtype).repeat_interleave(per_prompt, dim=0)
-        else:
-            negatives = _per_prompt(negative_prompt or "", batch, "negative_prompt")
-            null_embeds = self.encode_prompt(negatives, per_prompt, device)
-        if null_embeds.shape != text_embeds.shape:
-            raise GenerationInputError(f"negative prompt embeddings {tuple(null_embeds.shape)} do not match the "
-                                       f"prompt embeddings {tuple(text_embeds.shape)}")
-        return text_embeds, null_embeds
-
     def _timesteps(self, num_inference_steps: int, strength: float, device: torch.device) -> torch.Tensor:
         """The schedule's last `strength` share of steps (diffusers' image-to-image convention)."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -251,51 +227,25 @@ class Text2EarthInpaintPipeline(Text2EarthPipeline):
         is as `Text2EarthPipeline.__call__`: level or `gsd_m` (or the prompt prefix), joint guidance s,
         `batch_guidance`.
         """
-        # 1. check inputs
-        if (prompt is None) == (prompt_embeds is None):
-            raise GenerationInputError("give exactly one of `prompt` and `prompt_embeds`")
+        # 1. check the inputs and encode the conditions (one row per image)
         if image is None or mask_image is None:
             raise GenerationInputError("inpainting needs both `image` and `mask_image`")
         if not 0 < strength <= 1:
             raise GenerationInputError(f"`strength` must lie in (0, 1], got {strength}")
-        if num_images_per_prompt < 1:
-            raise GenerationInputError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise GenerationInputError(f"`output_type` must be pil, np, pt or latent, got {output_type!r}")
-        captions: list[str] | None = None
-        prefix_levels: list[int | None] | None = None
-        if prompt is not None:
-            split = [split_level_prefix(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
-            prefix_levels = [level for level, _ in split]
-            captions = [caption for _, caption in split]
-            batch = len(captions)
-        else:
-            assert prompt_embeds is not None
-            batch = prompt_embeds.shape[0]
-        levels, gsds = self.resolve_levels(batch, resolution_level, gsd_m, prefix_levels)
-        conditioning = unet_conditioning(self.unet)
-        taken = conditioning.metadata if conditioning else []
-        if unknown := sorted(set(metadata or {}) - set(taken)):
-            raise GenerationInputError(f"`metadata` names {unknown}, which this UNet does not take; it takes {taken}")
-        device = self._execution_device
-        n = num_images_per_prompt
         pixels = image_tensor(image)
         height, width = pixels.shape[-2:]
         self._check_size(height, width)
         masks = _mask_tensor(mask_image, (width, height))
-        pixels = _per_prompt_rows(pixels, batch, "image").to(device)
-        masks = _per_prompt_rows(masks, batch, "mask_image").to(device)
+        cond = self.prompt_conditions(prompt, prompt_embeds, negative_prompt=negative_prompt,
+                                      negative_prompt_embeds=negative_prompt_embeds,
+                                      resolution_level=resolution_level, gsd_m=gsd_m, metadata=metadata,
+                                      num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                                      output_type=output_type)
+        device, n, dtype = self._execution_device, num_images_per_prompt, cond.text_embeds.dtype
 
-        # 2. encode the conditions (one row per image)
-        text_embeds, null_text_embeds = self._text_conditions(captions, prompt_embeds, batch, n, negative_prompt,
-                                                              negative_prompt_embeds, guidance_scale, device)
-        dtype = text_embeds.dtype
-        level_rows = torch.tensor(levels, device=device).repeat_interleave(n)
-        gsd_rows = torch.tensor(gsds, device=device).repeat_interleave(n)
-        metadata_rows = None if metadata is None else {
-            name: torch.tensor(_per_prompt(value, batch, f"metadata[{name!r}]"), dtype=torch.float32,
-                               device=device).repeat_interleave(n)
-            for name, value in metadata.items()}
+        # 2. the known image: its pixels, mask and latents, one row per image
+        pixels = _per_prompt_rows(pixels, cond.batch, "image").to(device)
+        masks = _per_prompt_rows(masks, cond.batch, "mask_image").to(device)
         inputs = prepare_inpaint_inputs(self.vae, pixels, masks)  # once per prompt, then once per image
         inputs = InpaintInputs(*(x.to(dtype).repeat_interleave(n, dim=0) for x in inputs))
         image_latents = encode(self.vae, pixels, sample=False).to(dtype).repeat_interleave(n, dim=0)
@@ -320,8 +270,9 @@ class Text2EarthInpaintPipeline(Text2EarthPipeline):
         # 4. denoise, putting the known region back (noised to the next step's level) after every step
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = inpaint_model_input(self.scheduler.scale_model_input(latents, t), inputs)
-            noise_pred = self.guided_noise(model_input, t, text_embeds, level_rows, null_text_embeds, guidance_scale,
-                                           gsd_m=gsd_rows, metadata=metadata_rows, batch_guidance=batch_guidance)
+            noise_pred = self.guided_noise(model_input, t, cond.text_embeds, cond.levels, cond.null_text_embeds,
+                                           guidance_scale, gsd_m=cond.gsd_m, metadata=cond.metadata,
+                                           batch_guidance=batch_guidance)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             known = image_latents
             if i < len(timesteps) - 1:
@@ -336,7 +287,7 @@ class Text2EarthInpaintPipeline(Text2EarthPipeline):
                 decoded = pixels.float() * (1 - masks) + decoded * masks
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
-        image_levels = level_rows.tolist()
+        image_levels = cond.levels.tolist()
         if not return_dict:
             return images, image_levels
         return Text2EarthPipelineOutput(images=images, levels=image_levels)

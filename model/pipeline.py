@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -36,7 +36,13 @@ from model.config import MAX_LEVEL, NULL_LEVEL, gsd_level
 from model.unet import predict_noise, unet_conditioning
 from pipeline.errors import Text2EarthError
 
-__all__ = ["GenerationInputError", "Text2EarthPipeline", "Text2EarthPipelineOutput", "split_level_prefix"]
+__all__ = [
+    "GenerationInputError",
+    "PromptConditions",
+    "Text2EarthPipeline",
+    "Text2EarthPipelineOutput",
+    "split_level_prefix",
+]
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 LEVEL_PREFIX = re.compile(r"^\s*(\d+)_GOOGLE_LEVEL_(.*)$", re.DOTALL)
@@ -52,6 +58,17 @@ class Text2EarthPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     levels: list[int]
+
+
+class PromptConditions(NamedTuple):
+    """A call's conditions, one row per image: text (and null-branch text) embeddings, levels, GSD, metadata."""
+
+    batch: int  # prompts; rows = batch * num_images_per_prompt
+    text_embeds: torch.Tensor
+    null_text_embeds: torch.Tensor | None  # None when guidance is off (s == 1)
+    levels: torch.Tensor
+    gsd_m: torch.Tensor
+    metadata: dict[str, torch.Tensor] | None
 
 
 def split_level_prefix(prompt: str) -> tuple[int | None, str]:
@@ -182,6 +199,61 @@ class Text2EarthPipeline(DiffusionPipeline):
                                        f"({NULL_LEVEL} = unknown), got {bad_levels}")
         return levels, gsds
 
+    def prompt_conditions(self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None, *,
+                          negative_prompt: str | list[str] | None, negative_prompt_embeds: torch.Tensor | None,
+                          resolution_level: int | Sequence[int | None] | None,
+                          gsd_m: float | Sequence[float] | None,
+                          metadata: Mapping[str, float | Sequence[float]] | None, num_images_per_prompt: int,
+                          guidance_scale: float, output_type: str) -> PromptConditions:
+        """Check the arguments every generation call shares and encode them, one row per image.
+
+        The `"{L}_GOOGLE_LEVEL_"` prefix is split off each prompt (its level is used when neither
+        `resolution_level` nor `gsd_m` is given); the null branch is the negative (else empty) prompt.
+        """
+        if (prompt is None) == (prompt_embeds is None):
+            raise GenerationInputError("give exactly one of `prompt` and `prompt_embeds`")
+        if num_images_per_prompt < 1:
+            raise GenerationInputError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise GenerationInputError(f"`output_type` must be pil, np, pt or latent, got {output_type!r}")
+        conditioning = unet_conditioning(self.unet)
+        taken = conditioning.metadata if conditioning else []
+        if unknown := sorted(set(metadata or {}) - set(taken)):
+            raise GenerationInputError(f"`metadata` names {unknown}, which this UNet does not take; it takes {taken}")
+        captions: list[str] = []
+        prefix_levels: list[int | None] | None = None
+        if prompt is not None:
+            split = [split_level_prefix(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+            prefix_levels = [level for level, _ in split]
+            captions = [caption for _, caption in split]
+            batch = len(captions)
+        else:
+            assert prompt_embeds is not None
+            batch = prompt_embeds.shape[0]
+        levels, gsds = self.resolve_levels(batch, resolution_level, gsd_m, prefix_levels)
+        device, n = self._execution_device, num_images_per_prompt
+
+        if prompt_embeds is None:
+            text_embeds = self.encode_prompt(captions, n, device)
+        else:
+            text_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(n, dim=0)
+        null_text_embeds = None
+        if guidance_scale != 1:
+            if negative_prompt_embeds is not None:
+                null_text_embeds = negative_prompt_embeds.to(device, self.unet.dtype).repeat_interleave(n, dim=0)
+            else:
+                negatives = _per_prompt(negative_prompt or "", batch, "negative_prompt")
+                null_text_embeds = self.encode_prompt(negatives, n, device)
+            if null_text_embeds.shape != text_embeds.shape:
+                raise GenerationInputError(f"negative prompt embeddings {tuple(null_text_embeds.shape)} do not "
+                                           f"match the prompt embeddings {tuple(text_embeds.shape)}")
+        metadata_rows = None if metadata is None else {
+            name: torch.tensor(_per_prompt(value, batch, f"metadata[{name!r}]"), dtype=torch.float32,
+                               device=device).repeat_interleave(n) for name, value in metadata.items()}
+        return PromptConditions(batch, text_embeds, null_text_embeds,
+                                torch.tensor(levels, device=device).repeat_interleave(n),
+                                torch.tensor(gsds, device=device).repeat_interleave(n), metadata_rows)
+
     # --- one denoising step ----------------------------------------------------------------------------------
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor | int, text_embeds: torch.Tensor,
@@ -262,61 +334,22 @@ class Text2EarthPipeline(DiffusionPipeline):
         metadata embeddings. `output_type`: "pil", "np", "pt" or "latent". `batch_guidance`: the two guidance
         branches as one doubled UNet batch (default) or two passes (see `guided_noise`).
         """
-        # 1. check inputs
-        if (prompt is None) == (prompt_embeds is None):
-            raise GenerationInputError("give exactly one of `prompt` and `prompt_embeds`")
-        if num_images_per_prompt < 1:
-            raise GenerationInputError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise GenerationInputError(f"`output_type` must be pil, np, pt or latent, got {output_type!r}")
+        # 1. check the inputs and encode the conditions (one row per image)
         self._check_size(height, width)
         if self.unet.config.in_channels != self.unet.config.out_channels:
             raise GenerationInputError(
                 f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} "
                 "output channels: an inpainting model; load it with Text2EarthInpaintPipeline (`text2earth edit`)")
-        conditioning = unet_conditioning(self.unet)
-        unknown = sorted(set(metadata or {}) - set(conditioning.metadata if conditioning else []))
-        if unknown:
-            raise GenerationInputError(f"`metadata` names {unknown}, which this UNet does not take; it takes "
-                                       f"{conditioning.metadata if conditioning else []}")
-        captions: list[str] | None = None
-        prefix_levels: list[int | None] | None = None
-        if prompt is not None:
-            split = [split_level_prefix(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
-            prefix_levels = [level for level, _ in split]
-            captions = [caption for _, caption in split]
-            batch = len(captions)
-        else:
-            assert prompt_embeds is not None
-            batch = prompt_embeds.shape[0]
-        levels, gsds = self.resolve_levels(batch, resolution_level, gsd_m, prefix_levels)
+        cond = self.prompt_conditions(prompt, prompt_embeds, negative_prompt=negative_prompt,
+                                      negative_prompt_embeds=negative_prompt_embeds,
+                                      resolution_level=resolution_level, gsd_m=gsd_m, metadata=metadata,
+                                      num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                                      output_type=output_type)
         device = self._execution_device
-        n = num_images_per_prompt
+        text_embeds = cond.text_embeds
 
-        # 2. encode the conditions (one row per image)
-        if prompt_embeds is None:
-            assert captions is not None
-            text_embeds = self.encode_prompt(captions, n, device)
-        else:
-            text_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(n, dim=0)
-        null_text_embeds = None
-        if guidance_scale != 1:
-            if negative_prompt_embeds is not None:
-                null_text_embeds = negative_prompt_embeds.to(device, self.unet.dtype).repeat_interleave(n, dim=0)
-            else:
-                negatives = _per_prompt(negative_prompt or "", batch, "negative_prompt")
-                null_text_embeds = self.encode_prompt(negatives, n, device)
-            if null_text_embeds.shape != text_embeds.shape:
-                raise GenerationInputError(f"negative prompt embeddings {tuple(null_text_embeds.shape)} do not "
-                                           f"match the prompt embeddings {tuple(text_embeds.shape)}")
-        level_rows = torch.tensor(levels, device=device).repeat_interleave(n)
-        gsd_rows = torch.tensor(gsds, device=device).repeat_interleave(n)
-        metadata_rows = None if metadata is None else {
-            name: torch.tensor(_per_prompt(value, batch, f"metadata[{name!r}]"), dtype=torch.float32,
-                               device=device).repeat_interleave(n) for name, value in metadata.items()}
-
-        # 3. prepare latents
-        shape = (batch * n, self.unet.config.in_channels, height // self.vae_scale_factor,
+        # 2. prepare latents
+        shape = (text_embeds.shape[0], self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=text_embeds.dtype)
@@ -326,20 +359,20 @@ class Text2EarthPipeline(DiffusionPipeline):
         latents = latents.to(device, text_embeds.dtype) * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator)
 
-        # 4. denoise
+        # 3. denoise
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(latents, t)
-            noise = self.guided_noise(model_input, t, text_embeds, level_rows, null_text_embeds, guidance_scale,
-                                      gsd_m=gsd_rows, metadata=metadata_rows, batch_guidance=batch_guidance)
+            noise = self.guided_noise(model_input, t, text_embeds, cond.levels, cond.null_text_embeds, guidance_scale,
+                                      gsd_m=cond.gsd_m, metadata=cond.metadata, batch_guidance=batch_guidance)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
 
-        # 5. decode
+        # 4. decode
         images: Any = latents
         if output_type != "latent":
             decoded = decode(self.vae, latents.to(self.vae.dtype))
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
         self.maybe_free_model_hooks()
-        image_levels = level_rows.tolist()
+        image_levels = cond.levels.tolist()
         if not return_dict:
             return images, image_levels
         return Text2EarthPipelineOutput(images=images, levels=image_levels)
