@@ -1,6 +1,6 @@
 """Harvest throughput and memory: the Beam job against a bare rasterio + Pillow loop on the same chips.
 
-    python benchmarks/harvest.py                 # 1x and 10x the sample, 1 and 2 workers
+    python benchmarks/harvest.py                 # 1x, 10x and 100x the sample, 1 and 2 workers (~10 min)
     python benchmarks/harvest.py --write         # ... and update the harvest section of RESULTS.md
 
 The input is the sample's GeoTIFF sources (sources.yaml), copied N times under new names. The bare loop
@@ -166,7 +166,7 @@ def _median(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--copies", type=int, nargs="+", default=[1, 10, 40], help="input sizes (x the sample)")
+    parser.add_argument("--copies", type=int, nargs="+", default=[1, 10, 100], help="input sizes (x the sample)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")

@@ -1,10 +1,16 @@
 """The harvest job: plan shard tasks, run them on a Beam runner, prune stale shards, summarise.
 
     plan (driver thread, headers only) -> plan/*.jsonl + _DONE
-    Beam: stream the plan | Reshuffle | HarvestShard
+    distributed runners:          Beam: stream the plan | Reshuffle | HarvestShard
+    local FnApiRunner (N workers): Beam: N lanes | each streams the plan, claiming tasks | HarvestShard
 
 The driver plans while the runner starts its workers (seconds locally, minutes on a cluster): the first
 Beam stage streams the plan files as they appear and ends when the driver marks the plan complete.
+Distributed runners balance the shuffled tasks themselves (dynamic work rebalancing). FnApiRunner splits a
+stage's input statically between its workers, and a shuffle waits for the whole plan, so a local run uses
+one lane per worker instead: every lane reads the plan as it grows and takes the next task nobody has
+claimed yet (an exclusive file create), so workers start before planning ends and none idles while tasks
+remain.
 
 The Beam graph is linear on purpose (Beam's DaskRunner computes only the last transform's lineage).
 Each HarvestShard call writes one shard whole and commits it with a fingerprint, so an interrupted
@@ -26,15 +32,17 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipeline import storage
 from pipeline.params import HarvestParams
 from pipeline.plan import candidate_count, code_fingerprint, plan_sources, settings_fingerprint
-from pipeline.runner import ProgressMonitor, new_pipeline, run_pipeline
+from pipeline.runner import ProgressMonitor, new_pipeline, pipeline_options, run_pipeline
 from pipeline.shard_writer import ShardWriter, committed_fingerprint
 
 log = logging.getLogger(__name__)
 TASKS_PER_PLAN_FILE = 100
+PLAN_FLUSH_S = 0.5  # a plan file at least this often, so workers start on the first tasks while planning goes on
 
 
 PLAN_DONE, PLAN_FAILED = "_DONE", "_FAILED"
@@ -56,13 +64,16 @@ def write_plan(params: HarvestParams, settings: str, plan: Plan | None = None) -
     plan_dir = storage.join(params.work_dir, "plan")
     plan = plan if plan is not None else Plan()
     buffer: list[str] = []
+    last_flush = time.monotonic()
 
     def flush() -> None:
-        url = storage.join(plan_dir, f"plan-{len(plan.files):05d}.jsonl")
+        nonlocal last_flush
+        url = storage.join(plan_dir, f"plan-{len(plan.files):06d}.jsonl")
         with storage.atomic_write(url) as local, open(local, "w", encoding="utf-8") as fh:
             fh.write("\n".join(buffer) + "\n")
         plan.files.append(url)
         buffer.clear()
+        last_flush = time.monotonic()
 
     for task in plan_sources(params, settings):
         if task["shard"] in plan.candidates:
@@ -70,7 +81,7 @@ def write_plan(params: HarvestParams, settings: str, plan: Plan | None = None) -
         plan.candidates[task["shard"]] = candidate_count(task)
         plan.total += plan.candidates[task["shard"]]
         buffer.append(json.dumps(task, sort_keys=True, separators=(",", ":")))
-        if len(buffer) >= TASKS_PER_PLAN_FILE:
+        if len(buffer) >= TASKS_PER_PLAN_FILE or time.monotonic() - last_flush >= PLAN_FLUSH_S:
             flush()
     if buffer:
         flush()
@@ -103,6 +114,39 @@ def read_plan_file(url: str) -> Iterator[str]:
     """Tasks of one plan file, one JSON line each."""
     text = storage.read_bytes(url).decode("utf-8")
     yield from (line for line in text.splitlines() if line.strip())
+
+
+def claim(claims_dir: str, shard: str, lane: int) -> bool:
+    """Take a task for this lane: True for the one lane whose exclusive create of the claim file succeeds."""
+    try:
+        fd = os.open(os.path.join(claims_dir, shard), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{lane}\n")
+    return True
+
+
+def stream_lane(lane: int, plan_dir: str, claims_dir: str) -> Iterator[str]:
+    """The tasks this lane claims first, in plan order; it claims the next only when the last one is done
+    (the harvest DoFn is fused after this generator), so a lane that draws slow tasks takes fewer."""
+    os.makedirs(claims_dir, exist_ok=True)
+    for line in stream_plan(plan_dir):
+        if claim(claims_dir, json.loads(line)["shard"], lane):
+            yield line
+
+
+def local_lanes(params: HarvestParams, beam_args: Sequence[str]) -> int | None:
+    """How many claiming lanes a local FnApiRunner run uses (its worker count); None: shuffle instead.
+
+    Lanes need the claim files on this machine's disk, so a remote `work_dir` falls back to the shuffle.
+    """
+    options = pipeline_options(params.runner, params.workers, beam_args)
+    if options.view_as(StandardOptions).runner not in ("FnApiRunner", "DirectRunner"):
+        return None
+    if not storage.is_local(params.work_dir):
+        return None
+    return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
 
 
 PLAN_STALL_S = 3600.0  # a plan that gains no file for an hour means the driver is gone
@@ -190,13 +234,20 @@ def prune_stale(output_dir: str, shards: set[str]) -> int:
 
 def _run_beam(params: HarvestParams, beam_args: Sequence[str], progress_dir: str) -> None:
     pipeline = new_pipeline(params.runner, params.workers, beam_args)
-    _ = (
-        pipeline
-        | "PlanFolder" >> beam.Create([storage.join(params.work_dir, "plan")])
-        | "StreamTasks" >> beam.FlatMap(stream_plan)
-        | "SpreadTasks" >> beam.Reshuffle()
-        | "HarvestShards" >> beam.ParDo(HarvestShard(params.model_dump(mode="json"), progress_dir))
-    )
+    plan_dir = storage.join(params.work_dir, "plan")
+    harvest = HarvestShard(params.model_dump(mode="json"), progress_dir)
+    lanes = local_lanes(params, beam_args)
+    if lanes is None:
+        tasks = (pipeline
+                 | "PlanFolder" >> beam.Create([plan_dir])
+                 | "StreamTasks" >> beam.FlatMap(stream_plan)
+                 | "SpreadTasks" >> beam.Reshuffle())
+    else:  # Create spreads its elements over the workers, one lane each
+        claims_dir = storage.filesystem(storage.join(params.work_dir, "claims"))[1]
+        tasks = (pipeline
+                 | "Lanes" >> beam.Create(list(range(lanes)))
+                 | "ClaimTasks" >> beam.FlatMap(stream_lane, plan_dir, claims_dir))
+    _ = tasks | "HarvestShards" >> beam.ParDo(harvest)
     run_pipeline(pipeline)
 
 
@@ -210,6 +261,7 @@ def run_harvest(params: HarvestParams, beam_args: Sequence[str] = (), progress: 
     storage.remove_tree(storage.join(params.work_dir, "plan"))
     progress_dir = storage.join(params.work_dir, "progress")
     storage.remove_tree(progress_dir)
+    storage.remove_tree(storage.join(params.work_dir, "claims"))
     log.info("planning %d source(s) while the runner starts", len(params.source_list))
     planner = Planner(params, settings)
     planner.start()

@@ -156,6 +156,44 @@ def test_two_workers_give_identical_output(sample_harvest: Path, tmp_path: Path,
     params = harvest_params(tmp_path, str(REPO / "sources.yaml"), workers=2)
     run(params)
     assert_identical(sample_harvest, tmp_path / "harvest")
+    # both worker processes pulled tasks, and every shard was claimed by exactly one lane
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "work" / "progress").iterdir()]
+    assert len({m["worker"] for m in markers}) == 2
+    claims = {p.name: p.read_text().strip() for p in (tmp_path / "work" / "claims").iterdir()}
+    assert sorted(claims) == sorted(m["shard"] for m in markers)
+    assert set(claims.values()) == {"0", "1"}
+
+
+def test_lanes_claim_every_task_once_while_the_plan_grows(tmp_path: Path) -> None:
+    """Lanes racing over a plan that is still being written take each task exactly once between them."""
+    import threading
+
+    from pipeline.harvest import PLAN_DONE, stream_lane
+
+    plan_dir, claims_dir = tmp_path / "plan", tmp_path / "claims"
+    plan_dir.mkdir()
+    shards = [f"src-{i:05d}" for i in range(60)]
+    taken: dict[int, list[str]] = {0: [], 1: [], 2: []}
+
+    def lane(number: int) -> None:
+        for line in stream_lane(number, str(plan_dir), str(claims_dir)):
+            taken[number].append(json.loads(line)["shard"])
+            time.sleep(0.002 * (number + 1))  # lanes of different speeds
+
+    threads = [threading.Thread(target=lane, args=(n,)) for n in taken]
+    for thread in threads:
+        thread.start()
+    for i in range(0, len(shards), 20):  # the plan appears a file at a time
+        lines = [json.dumps({"shard": s}) for s in shards[i:i + 20]]
+        (plan_dir / ".partial").write_text("\n".join(lines) + "\n")  # whole files appear, as the driver's
+        os.replace(plan_dir / ".partial", plan_dir / f"plan-{i:06d}.jsonl")
+        time.sleep(0.05)
+    (plan_dir / PLAN_DONE).write_text("3\n")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(s for got in taken.values() for s in got) == shards
+    assert all(taken.values()), "every lane should have taken some tasks"
+    assert len(taken[0]) > len(taken[2])  # the fastest lane took the most
 
 
 @pytest.mark.slow
