@@ -70,7 +70,7 @@ def ours(images: list[bytes], device: str, precision: str, batch: int) -> tuple[
     from pipeline.curation.clip_model import embed_images, load_clip
     from pipeline.curation.params import ClipParams
 
-    rt = load_clip(ClipParams(device=device, precision=precision, batch_size=batch))  # type: ignore[arg-type]
+    rt = load_clip(ClipParams.model_validate({"device": device, "precision": precision, "batch_size": batch}))
     embed_images(rt, images[:batch])
     start = time.perf_counter()
     embed_images(rt, images)

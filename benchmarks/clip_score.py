@@ -56,7 +56,7 @@ from _measure import busy_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_HARVEST = REPO / "data" / "harvest"
-CLIP = {"model": "ViT-B-32", "pretrained": None, "seed": 0, "device": "cpu", "precision": "fp32",
+CLIP: dict[str, Any] = {"model": "ViT-B-32", "pretrained": None, "seed": 0, "device": "cpu", "precision": "fp32",
         "batch_size": 32, "threads": 2, "model_config_path": None}
 
 

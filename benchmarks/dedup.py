@@ -305,7 +305,7 @@ def check(root: Path) -> dict[str, Any]:
         "GROUP BY 1").fetchall())
     unplanted = con.execute(
         "SELECT count(*) FROM rej WHERE image_key NOT IN (SELECT copy FROM planted) "
-        "AND image_key NOT IN (SELECT original FROM planted)").fetchone()[0]
+        "AND image_key NOT IN (SELECT original FROM planted)").fetchall()[0][0]
     meta = str(root / "filter" / "metadata" / "*.parquet")
     near = con.execute(
         f"SELECT a.gsd_m, a.h3_cell, b.h3_cell, EXISTS (SELECT 1 FROM rej r WHERE r.image_key IN (p.copy, "
