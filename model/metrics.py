@@ -210,8 +210,8 @@ def clip_extractor(model: str, pretrained: str | None, *, model_config_path: str
         with torch.random.fork_rng(devices=[]):  # load_clip seeds random weights; leave the caller's RNG alone
             runtime = load_clip(ClipParams.model_validate({
                 "model": model, "pretrained": pretrained, "model_config_path": model_config_path, "device": device,
-                "seed": seed}))
-    except (ParamsError, ValidationError) as exc:  # its messages name the curation keys: say which model this was
+                "seed": seed}), prefix="evaluate.clip_")
+    except ValidationError as exc:
         raise ParamsError(f"evaluation CLIP (model {model!r}, pretrained {pretrained!r}): {exc}") from exc
     name = (f"open_clip {model} (pretrained: {pretrained})" if pretrained is not None
             else f"open_clip {model} (random init, seed {seed}: offline placeholder, not comparable)")

@@ -36,36 +36,39 @@ class ClipRuntime:
     dtype: Any
 
 
-def check_model(params: ClipParams) -> None:
-    """Fail fast, in the driver, on a model name or checkpoint path that cannot work."""
+def check_model(params: ClipParams, prefix: str = "clip.") -> None:
+    """Fail fast, in the driver, on a model name or checkpoint path that cannot work.
+
+    `prefix` names the params keys in messages ("clip." for curation, "evaluate.clip_" for evaluation).
+    """
     import os
 
     import open_clip
 
     if params.model_config_path:
         if not os.path.exists(params.model_config_path):
-            raise ParamsError(f"clip.model_config_path: {params.model_config_path} does not exist")
+            raise ParamsError(f"{prefix}model_config_path: {params.model_config_path} does not exist")
         open_clip.add_model_config(params.model_config_path)
     known = open_clip.list_models()
     if params.model not in known and not params.model.startswith(("hf-hub:", "local-dir:")):
         close = difflib.get_close_matches(params.model, known, n=3)
-        raise ParamsError(f"clip.model: {params.model!r} is not an open_clip model"
+        raise ParamsError(f"{prefix}model: {params.model!r} is not an open_clip model"
                           + (f" (did you mean {', '.join(close)}?)" if close else "")
-                          + "; see open_clip.list_models(), or register a config with clip.model_config_path")
+                          + f"; see open_clip.list_models(), or register a config with {prefix}model_config_path")
     weights = params.pretrained
     looks_like_path = weights is not None and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin",
                                                                                        ".safetensors")))
     if weights and looks_like_path and storage.is_local(weights) and not os.path.exists(weights):
-        raise ParamsError(f"clip.pretrained: checkpoint {weights} does not exist (give an open_clip tag such as "
+        raise ParamsError(f"{prefix}pretrained: checkpoint {weights} does not exist (give an open_clip tag such as "
                           "laion2b_s34b_b79k, an existing checkpoint path, or null)")
 
 
-def load_clip(params: ClipParams) -> ClipRuntime:
+def load_clip(params: ClipParams, prefix: str = "clip.") -> ClipRuntime:
     """Build the open_clip model the params name: a pretrained tag, an hf-hub id, a checkpoint or random."""
     import open_clip
     import torch
 
-    check_model(params)
+    check_model(params, prefix)
     if params.threads:
         torch.set_num_threads(params.threads)
     if params.pretrained is None:  # hf-hub / local-dir models load their weights; others get random ones
@@ -75,9 +78,9 @@ def load_clip(params: ClipParams) -> ClipRuntime:
             params.model, pretrained=params.pretrained, precision=params.precision, device=params.device)
     except Exception as exc:  # offline hub, bad tag, missing file: say what to change
         raise ParamsError(
-            f"clip: could not load {params.model!r} with pretrained={params.pretrained!r}: {exc}. Give a "
-            "pretrained tag from open_clip.list_pretrained(), a local checkpoint path (offline), or null "
-            "(random weights, for smoke runs only)") from exc
+            f"{prefix}model {params.model!r} with {prefix}pretrained {params.pretrained!r} could not be loaded: "
+            f"{exc}. Give a pretrained tag from open_clip.list_pretrained(), a local checkpoint path (offline), "
+            "or null (random weights, for smoke runs only)") from exc
     model.eval()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[params.precision]
     return ClipRuntime(model, preprocess, open_clip.get_tokenizer(params.model), params.device,

@@ -287,8 +287,10 @@ def test_extractors_serve_as_torchmetrics_feature_modules(tiny_clip) -> None:
 
 
 def test_clip_extractor_rejects_an_unknown_model() -> None:
-    with pytest.raises(ParamsError, match="no-such-clip"):
+    with pytest.raises(ParamsError, match="no-such-clip") as caught:
         clip_extractor("no-such-clip", None)
+    assert "evaluate.clip_model" in str(caught.value)  # the key to change, not the curation stage's `clip.model`
+    assert "clip.model:" not in str(caught.value)
 
 
 def test_extractors_refuse_float_images(tiny_clip) -> None:
