@@ -11,7 +11,6 @@ checkpoint ends with exactly the weights of a run that was never interrupted (ma
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
@@ -26,189 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from model.config import NULL_LEVEL, InpaintParams, TrainParams, resolve_task
+from model.config import InpaintParams, TrainParams, resolve_task
+from model.frozen import Frozen, encode_text, prepare_frozen
+from model.objective import apply_dca, diffusion_loss, inpaint_masks, step_draws, step_seed
+from model.train_log import files_only_live
 from pipeline.errors import ParamsError
 
-__all__ = [
-    "LatentCache",
-    "StepDraws",
-    "TrainingRun",
-    "apply_dca",
-    "dca_masks",
-    "diffusion_loss",
-    "files_only_live",
-    "inpaint_masks",
-    "prepare_training",
-    "run_fingerprint",
-    "step_draws",
-    "step_seed",
-    "summary_line",
-    "train",
-]
+__all__ = ["TrainingRun", "make_optimizer", "prepare_training", "run_fingerprint", "train"]
 
 log = logging.getLogger(__name__)
 
-LATENT_CACHE_BYTES = 2 * 1024**3  # latents kept per process; a sample run's few hundred chips need ~40 MB
 LOSS_WINDOW = 10  # optimizer steps averaged for the reported final loss
-MASK_STREAM = 1  # the inpainting masks' entropy word next to the step seed
-
-
-# --- the random draws of one step ------------------------------------------------------------------------------
-
-
-def step_seed(seed: int, batch_index: int, rank: int) -> int:
-    """A 63-bit seed for one batch of one process, independent of how the run was split into resumptions."""
-    words = np.random.SeedSequence([seed % 2**64, batch_index, rank]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-def dca_masks(batch_size: int, p_text: float, p_res: float, generator: torch.Generator,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic condition adaptation: per sample, independently, drop the text with p_text, the level with p_res."""
-    drop_text = torch.rand(batch_size, generator=generator) < p_text
-    drop_res = torch.rand(batch_size, generator=generator) < p_res
-    return drop_text, drop_res
-
-
-@dataclass(frozen=True)
-class StepDraws:
-    """Everything random in one batch's loss, drawn on the CPU so every device sees the same numbers."""
-
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    drop_text: torch.Tensor
-    drop_res: torch.Tensor
-
-
-def step_draws(seed: int, latent_shape: tuple[int, ...], *, num_train_timesteps: int, p_text: float,
-               p_res: float, noise_offset: float = 0.0) -> StepDraws:
-    """Noise (with the optional per-channel offset), timesteps and DCA drops from one seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    batch = latent_shape[0]
-    noise = torch.randn(latent_shape, generator=generator)
-    if noise_offset:
-        # a constant shift per image and channel teaches the model to change overall brightness (Guttenberg)
-        noise += noise_offset * torch.randn((*latent_shape[:2], 1, 1), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    drop_text, drop_res = dca_masks(batch, p_text, p_res, generator)
-    return StepDraws(noise, timesteps, drop_text, drop_res)
-
-
-def inpaint_masks(seed: int, batch: int, height: int, width: int, settings: InpaintParams) -> torch.Tensor:
-    """The batch's random inpainting masks (B x 1 x H x W, 1 = repaint), from the step's seed.
-
-    numpy draws them from its own stream of the seed, so adding masks changes no other draw of the step.
-    """
-    from model.masks import random_masks
-
-    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, MASK_STREAM]))
-    return torch.from_numpy(random_masks(rng, batch, height, width, kinds=settings.mask_kinds,
-                                         max_shapes=settings.max_shapes, p_full=settings.p_full_mask))
-
-
-def apply_dca(text_embeds: torch.Tensor, null_text_embeds: torch.Tensor, levels: torch.Tensor,
-              drop_text: torch.Tensor, drop_res: torch.Tensor, *, gsd_m: torch.Tensor | None = None,
-              metadata: Mapping[str, torch.Tensor] | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
-    """Replace dropped texts by the empty prompt's embedding and dropped levels by 0 (unknown).
-
-    The GSD and any metadata drop with the level: the sampler's unconditional branch nulls all of them
-    together, so that is the combination the model must learn.
-    """
-    device = text_embeds.device
-    drop_text, drop_res = drop_text.to(device), drop_res.to(device)
-    text = torch.where(drop_text[:, None, None], null_text_embeds.to(text_embeds.dtype).expand_as(text_embeds),
-                       text_embeds)
-    levels = torch.where(drop_res, torch.full_like(levels, NULL_LEVEL), levels)
-    nan = torch.tensor(math.nan, device=device)
-    gsd = None if gsd_m is None else torch.where(drop_res, nan, gsd_m)
-    meta = None if metadata is None else {k: torch.where(drop_res, nan, v) for k, v in metadata.items()}
-    return text, levels, gsd, meta
-
-
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any,
-                   snr_gamma: float | None) -> torch.Tensor:
-    """MSE to the target, each sample weighted by min(SNR, gamma) / SNR (Hang et al. 2023) unless gamma is None.
-
-    The weighting stops the many easy low-noise timesteps from dominating the gradient; for v-prediction the
-    denominator is SNR + 1.
-    """
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
-    if snr_gamma is None:
-        return per_sample.mean()
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps.to(model_pred.device))
-    weight = torch.clamp(snr, max=snr_gamma)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        weight = weight / (snr + 1)
-    else:
-        weight = weight / snr
-    return (per_sample * weight).mean()
-
-
-# --- frozen encoders ----------------------------------------------------------------------------------------
-
-
-class LatentCache:
-    """Latents of chips already encoded, keyed by a digest of the augmented pixels.
-
-    A small data set repeats its chips every few steps, and on a CPU the autoencoder costs more than the tiny
-    UNet's step, so each distinct chip (per crop and flip) is encoded once. Misses are encoded one image at a
-    time: a latent then never depends on which other chips shared its batch, which keeps resumed runs exact.
-    Only deterministic autoencoders (TAEF2, no sampling) may be cached.
-    """
-
-    def __init__(self, vae: Any, max_bytes: int = LATENT_CACHE_BYTES) -> None:
-        self.vae = vae
-        self.max_bytes = max_bytes
-        self.latents: dict[bytes, torch.Tensor] = {}
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Latents of a batch, from the cache where possible."""
-        from model.autoencoder import encode
-
-        out = []
-        for image in pixel_values:
-            digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=16).digest()
-            latent = self.latents.get(digest)
-            if latent is None:
-                self.misses += 1
-                latent = encode(self.vae, image[None])[0]
-                if self.bytes + latent.numel() * latent.element_size() <= self.max_bytes:
-                    self.latents[digest] = latent
-                    self.bytes += latent.numel() * latent.element_size()
-            else:
-                self.hits += 1
-            out.append(latent)
-        return torch.stack(out)
-
-
-def is_deterministic_autoencoder(vae: Any) -> bool:
-    """Whether encoding is a plain function of the pixels (tiny autoencoders) rather than a sample (KL)."""
-    from diffusers import AutoencoderTiny
-
-    return isinstance(vae, AutoencoderTiny)
-
-
-@torch.no_grad()
-def encode_text(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """CLIP's last hidden state, as the pipeline's `encode_prompt` computes it."""
-    embeds: torch.Tensor = text_encoder(input_ids.to(text_encoder.device))[0]
-    return embeds
-
-
-def null_text_ids(tokenizer: Any) -> torch.Tensor:
-    """Token ids of the empty prompt (the null text of DCA and of the sampler's unconditional branch)."""
-    ids: torch.Tensor = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-    return ids
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------
@@ -229,66 +57,7 @@ def make_optimizer(params: TrainParams, parameters: Any, device: torch.device) -
     return torch.optim.AdamW(parameters, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused)
 
 
-# --- logging ---------------------------------------------------------------------------------------------------
-
-
-def files_only_live(live_dir: str, resume_step: int) -> Any:
-    """A DVCLive logger that only writes files under `live_dir` (metrics.json, plots/metrics/*.tsv).
-
-    Inside a git repository DVCLive's own setup runs `dvc init` when there is no `.dvc`, and may save
-    experiments (git refs) or `git add` its files; a training run must never change git state, so that setup
-    is skipped. `dvc plots show` and `dvc exp show` read the files through the `train` stage's plots and
-    metrics entries in dvc.yaml. On resume the history after the checkpoint's step is dropped, since those
-    steps are trained again.
-    """
-    from dvclive import Live
-
-    class FilesOnlyLive(Live):
-        def _init_dvc(self) -> None:
-            self._dvc_repo = None
-
-    live = FilesOnlyLive(dir=live_dir, resume=resume_step > 0, save_dvc_exp=False, dvcyaml=None)
-    if resume_step > 0:
-        truncate_history(Path(live_dir), resume_step)
-    return live
-
-
-def truncate_history(live_dir: Path, last_step: int) -> None:
-    """Drop DVCLive rows logged after `last_step` (a killed run logged steps its checkpoint does not hold)."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        with tsv.open(newline="") as handle:
-            rows = list(csv.reader(handle, delimiter="\t"))
-        if not rows or "step" not in rows[0]:
-            continue
-        column = rows[0].index("step")
-        kept = [rows[0]] + [r for r in rows[1:] if len(r) > column and int(r[column]) <= last_step]
-        with tsv.open("w", newline="") as handle:
-            csv.writer(handle, delimiter="\t", lineterminator="\n").writerows(kept)
-
-
-def summary_line(summary: Mapping[str, Any]) -> str:
-    """One line for the console at the end of a run."""
-    minutes, seconds = divmod(round(float(summary["seconds"])), 60)
-    resumed = f", resumed at step {summary['start_step']}" if summary["start_step"] else ""
-    loss = summary.get("final_loss")
-    loss_text = f"final loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "no step run"
-    task = ", inpainting" if summary.get("task") == "inpaint" else ""
-    return (f"train: {summary['steps']} steps ({summary['size']}{task}, {summary['num_processes']} process(es)"
-            f"{resumed}) in {minutes}m{seconds:02d}s, {summary['samples_per_s']:.2f} samples/s, {loss_text} "
-            f"-> {summary['output_dir']}")
-
-
 # --- the run ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Frozen:
-    """The parts that do not train and what the loss needs from them."""
-
-    vae: Any
-    text_encoder: Any
-    null_text: torch.Tensor  # 1 x 77 x D
-    latent_cache: LatentCache | None
 
 
 def _conditioning_fields(unet: Any) -> list[str]:
@@ -296,17 +65,6 @@ def _conditioning_fields(unet: Any) -> list[str]:
 
     conditioning = unet_conditioning(unet)
     return list(conditioning.metadata) if conditioning else []
-
-
-def _prepare_frozen(components: Mapping[str, Any], device: torch.device, cache_latents: bool) -> _Frozen:
-    vae, text_encoder = components["vae"], components["text_encoder"]
-    for module in (vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device)  # kept in float32 (mixed precision runs them under autocast) so the export is exact
-    null_text = encode_text(text_encoder, null_text_ids(components["tokenizer"]))
-    cache = LatentCache(vae) if cache_latents and is_deterministic_autoencoder(vae) else None
-    return _Frozen(vae, text_encoder, null_text, cache)
 
 
 def _lr_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer, num_processes: int) -> Any:
@@ -329,7 +87,7 @@ class TrainingRun:
     optimizer: Any
     lr_scheduler: Any
     ema: Any | None
-    frozen: _Frozen
+    frozen: Frozen
     metadata_fields: list[str]
 
     @property
@@ -441,7 +199,7 @@ def prepare_training(params: TrainParams, *, cache_latents: bool | None = None) 
     if cache_latents is None:
         configured = getattr(params, "cache_latents", None)  # a `train.cache_latents` key, where params have one
         cache_latents = accelerator.device.type == "cpu" if configured is None else bool(configured)
-    frozen = _prepare_frozen(components, accelerator.device, cache_latents)
+    frozen = prepare_frozen(components, accelerator.device, cache_latents)
     unet = components["unet"]
     unet.train()
     if params.gradient_checkpointing:

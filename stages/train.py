@@ -79,7 +79,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise Text2EarthError(f"train: unknown argument(s) {' '.join(extra)}; see `text2earth train --help`")
     from model.config import load_train_params
-    from model.train import summary_line, train
+    from model.train import train
+    from model.train_log import summary_line
 
     params = load_train_params(args.params, {"max_steps": args.max_steps, "task": args.task})
     metrics_default, samples_default, live_default = TASK_OUTPUTS[params.task]

@@ -368,7 +368,7 @@ def test_a_resumed_inpaint_run_ends_with_the_uninterrupted_weights(trained: dict
 
 
 def test_inpaint_masks_come_from_the_step_seed() -> None:
-    from model.train import inpaint_masks
+    from model.objective import inpaint_masks
 
     settings = TrainParams.model_validate({}).inpaint
     first = inpaint_masks(11, 4, 32, 32, settings)

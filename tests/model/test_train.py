@@ -154,7 +154,7 @@ def make_git_repo(path: Path, with_dvc: bool) -> Path:
 
 @pytest.mark.parametrize(("p_text", "p_res"), [(0.1, 0.1), (0.05, 0.3)])
 def test_dca_drop_rates_match_p_text_and_p_res(p_text: float, p_res: float) -> None:
-    from model.train import step_draws, step_seed
+    from model.objective import step_draws, step_seed
 
     batches, batch = 4000, 8
     drops = [step_draws(step_seed(0, i, 0), (batch, 1, 1, 1), num_train_timesteps=1000, p_text=p_text, p_res=p_res)
@@ -169,7 +169,7 @@ def test_dca_drop_rates_match_p_text_and_p_res(p_text: float, p_res: float) -> N
 
 
 def test_draws_depend_only_on_seed_batch_and_rank() -> None:
-    from model.train import step_draws, step_seed
+    from model.objective import step_draws, step_seed
 
     def draw(seed: int, index: int, rank: int) -> torch.Tensor:
         return step_draws(step_seed(seed, index, rank), (2, 4, 8, 8), num_train_timesteps=1000, p_text=0.5,
@@ -182,7 +182,7 @@ def test_draws_depend_only_on_seed_batch_and_rank() -> None:
 
 
 def test_apply_dca_nulls_exactly_the_dropped_samples() -> None:
-    from model.train import apply_dca
+    from model.objective import apply_dca
 
     text = torch.randn(4, 77, 16)
     null = torch.randn(1, 77, 16)
@@ -205,6 +205,7 @@ def test_training_loss_sees_the_dropped_conditions(monkeypatch: pytest.MonkeyPat
 
     from model import train as train_module
     from model.components import training_scheduler
+    from model.frozen import Frozen
 
     seen: dict[str, torch.Tensor] = {}
 
@@ -221,7 +222,7 @@ def test_training_loss_sees_the_dropped_conditions(monkeypatch: pytest.MonkeyPat
         params = TrainParams.model_validate({"p_text_drop": p, "p_res_drop": p, "snr_gamma": None})
         run = train_module.TrainingRun(params, Accelerator(cpu=True), {"scheduler": training_scheduler()},
                                        unet=None, bare_unet=None, optimizer=None, lr_scheduler=None, ema=None,
-                                       frozen=train_module._Frozen(None, None, null, None), metadata_fields=[])
+                                       frozen=Frozen(None, None, null, None), metadata_fields=[])
         loss = run.batch_loss(batch, seed=3)
         assert torch.isfinite(loss)
         assert (seen["text"] == text_value).all()
@@ -230,7 +231,7 @@ def test_training_loss_sees_the_dropped_conditions(monkeypatch: pytest.MonkeyPat
 
 def test_min_snr_weighting_matches_the_formula() -> None:
     from model.components import training_scheduler
-    from model.train import diffusion_loss
+    from model.objective import diffusion_loss
 
     scheduler = training_scheduler()
     pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
@@ -363,7 +364,7 @@ def test_checkpoint_round_trips_the_ema(tmp_path: Path) -> None:
 @pytest.mark.parametrize("with_dvc", [False, True], ids=["git-only", "git+dvc"])
 def test_dvclive_logging_never_changes_git(tmp_path: Path, with_dvc: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain DVCLive would `dvc init` the git-only repository and save experiment refs in both."""
-    from model.train import files_only_live
+    from model.train_log import files_only_live
 
     repo = make_git_repo(tmp_path / "repo", with_dvc)
     before = git_state(repo)
@@ -381,7 +382,7 @@ def test_dvclive_logging_never_changes_git(tmp_path: Path, with_dvc: bool, monke
 
 
 def test_resumed_logging_drops_the_steps_trained_again(tmp_path: Path) -> None:
-    from model.train import files_only_live
+    from model.train_log import files_only_live
 
     live = files_only_live(str(tmp_path / "live"), 0)
     for step in range(1, 6):
