@@ -73,12 +73,17 @@ def footer(url: str) -> tuple[int, str | None]:
     return meta.num_rows, value.decode() if value else None
 
 
-def committed(stage_dir: str, shard: str) -> str | None:
-    """The fingerprint a shard was committed with, or None (missing or truncated)."""
+def committed_fingerprint(url: str) -> str | None:
+    """The fingerprint a Parquet file was committed with, or None (missing or truncated)."""
     try:
-        return footer(metadata_url(stage_dir, shard))[1]
+        return footer(url)[1]
     except (OSError, pa.ArrowInvalid, FileNotFoundError):
         return None
+
+
+def committed(stage_dir: str, shard: str) -> str | None:
+    """The fingerprint a shard was committed with, or None (missing or truncated)."""
+    return committed_fingerprint(metadata_url(stage_dir, shard))
 
 
 def footers(stage_dir: str, shards: Sequence[str], threads: int = 16) -> dict[str, tuple[int, str | None]]:
@@ -130,7 +135,8 @@ def rejected_row(row: dict[str, Any], stage: str, reason: str, detail: str = "",
             "lon": row.get("lon"), "lat": row.get("lat")}
 
 
-def _write_parquet(url: str, table: pa.Table) -> None:
+def write_parquet(url: str, table: pa.Table) -> None:
+    """Write a table whole or not at all (zstd, one row group per shard file)."""
     with storage.atomic_write(url) as local:
         pq.write_table(table, local, compression="zstd", row_group_size=max(table.num_rows, 1))
 
@@ -139,16 +145,16 @@ def write_shard(stage_dir: str, shard: str, table: pa.Table, rejected: Iterable[
                 extras: dict[str, pa.Table] | None = None) -> dict[str, int]:
     """Commit one shard: extra tables, rejected, then the metadata (with fingerprint and geo metadata)."""
     for sub, extra in (extras or {}).items():
-        _write_parquet(storage.join(stage_dir, sub, f"{shard}.parquet"), extra)
+        write_parquet(storage.join(stage_dir, sub, f"{shard}.parquet"), extra)
     dropped = sorted(rejected, key=lambda r: (r["key"], r["stage"]))
     rej = pa.Table.from_pylist(dropped, schema=CURATION_REJECTED_SCHEMA)
-    _write_parquet(storage.join(stage_dir, "rejected", f"{shard}.parquet"), rej)
+    write_parquet(storage.join(stage_dir, "rejected", f"{shard}.parquet"), rej)
     table = conform(table)
     wkb = table.column("geometry").to_pylist()
     meta = dict(table.schema.metadata or {})
     meta[b"geo"] = geo_metadata(list(shapely.from_wkb(wkb))) if wkb else geo_metadata([])
     meta[FINGERPRINT_KEY] = fp.encode()
-    _write_parquet(metadata_url(stage_dir, shard), table.replace_schema_metadata(meta))
+    write_parquet(metadata_url(stage_dir, shard), table.replace_schema_metadata(meta))
     return {"kept": table.num_rows, "rejected": rej.num_rows}
 
 

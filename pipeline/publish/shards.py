@@ -17,7 +17,6 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 import shapely
 
 from pipeline import storage
@@ -44,24 +43,11 @@ class Paths:
                    storage.join(params.work_dir, "staging", "rejected", f"{name}.parquet"))
 
 
-def committed(url: str) -> str | None:
-    """The fingerprint in a staging file's footer, or None (missing or truncated)."""
-    try:
-        return io.footer(url)[1]
-    except (OSError, pa.ArrowInvalid, FileNotFoundError):
-        return None
-
-
 def publish_row(row: dict[str, Any], name: str, params: PublishParams) -> dict[str, Any]:
     """A curated row as published: its shard, level 0 for unknown GSD, its split."""
     level = row.get("level")
     return {**row, "shard": name, "level": 0 if level is None else level,
             "split": assign_split(row, params.split, params.split_h3_resolution, params.seed)}
-
-
-def _write_parquet(url: str, table: pa.Table) -> None:
-    with storage.atomic_write(url) as local:
-        pq.write_table(table, local, compression="zstd", row_group_size=max(table.num_rows, 1))
 
 
 def write_shard(params: PublishParams, name: str, ranges: list[list[Any]], fp: str) -> dict[str, Any]:
@@ -98,11 +84,11 @@ def write_shard(params: PublishParams, name: str, ranges: list[list[Any]], fp: s
         finally:
             tar.close()
     published = [row for _, row in kept]
-    _write_parquet(paths.rejected, pa.Table.from_pylist(rejected, schema=PUBLISHED_REJECTED_SCHEMA))
+    io.write_parquet(paths.rejected, pa.Table.from_pylist(rejected, schema=PUBLISHED_REJECTED_SCHEMA))
     table = pa.Table.from_pylist(published, schema=PUBLISHED_SCHEMA)
     wkb = [g for g in table.column("geometry").to_pylist() if g is not None]
     meta = {b"geo": geo_metadata(list(shapely.from_wkb(wkb))), FINGERPRINT_KEY: fp.encode()}
-    _write_parquet(paths.staging, table.replace_schema_metadata(meta))
+    io.write_parquet(paths.staging, table.replace_schema_metadata(meta))
     return {"samples": len(published), "rejected": len(rejected)}
 
 
@@ -122,7 +108,7 @@ class WriteShard(beam.DoFn):
         started = time.time()
         paths = Paths.of(self.params, task["name"])
         tar_fs, tar_path = storage.filesystem(paths.tar)
-        if committed(paths.staging) == task["fingerprint"] and tar_fs.exists(tar_path):
+        if io.committed_fingerprint(paths.staging) == task["fingerprint"] and tar_fs.exists(tar_path):
             result: dict[str, Any] = {"shard": task["name"], "skipped": True}
         else:
             result = {"shard": task["name"], **write_shard(self.params, task["name"], task["ranges"],
