@@ -1,8 +1,9 @@
-"""What the benchmarks share: how busy the rest of the machine is, and waiting for it to be quiet."""
+"""What the benchmarks share: how busy the rest of the machine is, waiting for it to be quiet, peak memory."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import psutil
@@ -32,3 +33,34 @@ def wait_quiet(max_cores: float, patience_s: float, *, sample_s: float = 3.0, pa
             return load
         print(f"machine busy ({load:.2f} cores used by other processes): waiting", file=sys.stderr)
         time.sleep(pause_s)
+
+
+class PeakRss(threading.Thread):
+    """Largest summed RSS of a process and its descendants (sampled every `interval` s), and a coarse timeline."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.interval = interval
+        self.timeline: list[tuple[float, float]] = []  # (seconds, GiB) every 2 s
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        """Sample until `done` is set or the process is gone."""
+        start, last = time.monotonic(), -1.0
+        while not self.done.wait(self.interval):
+            try:
+                total = 0
+                for p in [self.proc, *self.proc.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+                now = time.monotonic() - start
+                if now - last >= 2.0:
+                    self.timeline.append((round(now, 1), round(total / 2**30, 3)))
+                    last = now
+            except psutil.Error:
+                return

@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from _measure import busy_cpu_s
+from _measure import PeakRss, busy_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_HARVEST = REPO / "data" / "harvest"
@@ -210,30 +209,6 @@ def phash_seconds(rows: list[dict[str, Any]]) -> float:
 
 
 # ---- measuring --------------------------------------------------------------------------------------------
-
-class PeakRss(threading.Thread):
-    """Largest summed RSS of a process and its descendants."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.05):
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                return
-
 
 def wait_quiet(max_cores: float, patience_s: float) -> float:
     """Wait for a quiet machine (benchmarks/_measure.py) with this benchmark's sampling."""

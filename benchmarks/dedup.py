@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from _measure import busy_cpu_s
+from _measure import PeakRss, busy_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 512
@@ -209,36 +208,6 @@ def write_params(tmp: Path, root: Path, workers: int, tag: str) -> Path:
 
 # ---- measuring --------------------------------------------------------------------------------------------
 
-class PeakRss(threading.Thread):
-    """Largest summed RSS of a process and its descendants, and a coarse timeline of it."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.interval = interval
-        self.timeline: list[tuple[float, float]] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        start, last = time.monotonic(), -1.0
-        while not self.done.wait(self.interval):
-            try:
-                total = 0
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
-                now = time.monotonic() - start
-                if now - last >= 2.0:
-                    self.timeline.append((round(now, 1), round(total / 2**30, 3)))
-                    last = now
-            except psutil.Error:
-                return
-
-
 def wait_quiet(max_cores: float, patience_s: float) -> float:
     """Wait for a quiet machine (benchmarks/_measure.py) with this benchmark's sampling."""
     return _measure.wait_quiet(max_cores, patience_s)
@@ -252,7 +221,7 @@ def monitored(cmd: list[str], limit_s: float) -> dict[str, Any]:
     busy_before = busy_cpu_s()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    monitor = PeakRss(proc.pid)
+    monitor = PeakRss(proc.pid, interval=0.2)
     monitor.start()
     try:
         out, err = proc.communicate(timeout=limit_s)

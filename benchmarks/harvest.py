@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 import psutil
 import rasterio
 import yaml
+from _measure import PeakRss  # benchmarks/_measure.py: this folder is on sys.path when a script runs
 from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.windows import Window
@@ -114,30 +114,6 @@ def bare_two_processes(chips: list[tuple[dict[str, Any], list[int]]], size: int)
         start = time.perf_counter()
         pool.map(_bare_part, [(chips[0::2], size), (chips[1::2], size)])
         return time.perf_counter() - start
-
-
-class PeakRss(threading.Thread):
-    """Largest summed RSS of a process and its descendants."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.05):
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                return
 
 
 def beam_run(params_path: Path) -> dict[str, float]:
