@@ -1,12 +1,16 @@
-"""What the benchmarks share: how busy the rest of the machine is, waiting for it to be quiet, peak memory."""
+"""What the benchmarks share: how busy the rest of the machine is, waiting for it to be quiet, peak memory,
+and writing a result table into RESULTS.md."""
 
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def busy_cpu_s() -> float:
@@ -64,3 +68,15 @@ class PeakRss(threading.Thread):
                     last = now
             except psutil.Error:
                 return
+
+
+def update_results(text: str, name: str) -> None:
+    """Put `text` between the `<!-- {name}:start/end -->` markers of RESULTS.md (appended when they are missing)."""
+    doc = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text}\n{end}"
+    if start in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    RESULTS_MD.write_text(doc)

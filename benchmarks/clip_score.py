@@ -51,7 +51,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from _measure import PeakRss, busy_cpu_s
+from _measure import PeakRss, busy_cpu_s, update_results
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_HARVEST = REPO / "data" / "harvest"
@@ -413,18 +413,6 @@ def render(r: dict[str, Any]) -> str:
         f"{cold['wall_s']:.1f} s), warm job {warm['job_s']:.1f} s (wall {warm['wall_s']:.1f} s).",
     ]
     return "\n".join(lines)
-
-
-def update_results(table: str, name: str) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from _measure import PeakRss, busy_cpu_s
+from _measure import PeakRss, busy_cpu_s, update_results
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 512
@@ -526,18 +526,6 @@ def render(r: dict[str, Any]) -> str:
                 f"{g}: {m} / {t} ({m / t:.1%})" for g, (t, m) in sorted(
                     by_gsd.items(), key=lambda kv: float("inf") if kv[0] == "none" else float(kv[0]))) + ".")
     return "\n".join(lines)
-
-
-def update_results(table: str, name: str) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _measure import busy_cpu_s, wait_quiet  # benchmarks/_measure.py: this folder is on sys.path when a script runs
+from _measure import (  # benchmarks/_measure.py: this folder is on sys.path when a script runs
+    busy_cpu_s,
+    update_results,
+    wait_quiet,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "generate.json"
@@ -218,16 +222,6 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_results(text: str) -> None:
-    """Replace the text between the generate markers of RESULTS.md (the section is written once, by hand)."""
-    path = REPO / "benchmarks" / "RESULTS.md"
-    doc = path.read_text()
-    start, end = "<!-- generate:start -->", "<!-- generate:end -->"
-    if start not in doc:
-        raise SystemExit(f"{path}: no {start} marker; add the Generation section first")
-    path.write_text(doc[: doc.index(start)] + f"{start}\n{text}\n{end}" + doc[doc.index(end) + len(end):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -286,7 +280,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     print(table(data))
     if args.write:
-        update_results(table(data))
+        update_results(table(data), "generate")
 
 
 if __name__ == "__main__":

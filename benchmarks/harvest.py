@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 import rasterio
 import yaml
-from _measure import PeakRss  # benchmarks/_measure.py: this folder is on sys.path when a script runs
+from _measure import PeakRss, update_results  # benchmarks/_measure.py: this folder is on sys.path when a script runs
 from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.windows import Window
@@ -180,7 +180,7 @@ def main() -> None:
     (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
     (REPO / "benchmarks" / "results" / "harvest.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.write:
-        update_results(table)
+        update_results(table, "harvest")
 
 
 def render(rows: list[dict[str, Any]], workers: list[int]) -> str:
@@ -204,18 +204,6 @@ def render(rows: list[dict[str, Any]], workers: list[int]) -> str:
         cells += [f"{one / bare_rate:.2f}", f"{two / one:.2f}", f"{row['bare_s'] / row['bare2_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def update_results(table: str) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = "<!-- harvest:start -->", "<!-- harvest:end -->"
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from _measure import busy_cpu_s
+from _measure import busy_cpu_s, update_results
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -553,18 +553,6 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"| ≥ {TARGETS['speedup']:.0f}x the single file on query {k} | {v:.1f}x "
                      f"| {met[v >= TARGETS['speedup']]} |")
     return "\n".join(lines)
-
-
-def update_results(table: str, name: str) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:

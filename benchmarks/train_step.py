@@ -35,6 +35,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from _measure import update_results  # benchmarks/_measure.py: this folder is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_step.json"
 PROMPT = "a river through farmland"
@@ -343,18 +345,6 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_results(text: str, name: str = "train_step") -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    doc = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{text}\n{end}"
-    if start in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Training step (`benchmarks/train_step.py`)\n\n" + block + "\n"
-    path.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -426,7 +416,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     print(table(data))
     if args.write:
-        update_results(table(data))
+        update_results(table(data), "train_step")
 
 
 if __name__ == "__main__":
