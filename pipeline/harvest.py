@@ -32,12 +32,12 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline import storage
 from pipeline.params import HarvestParams
 from pipeline.plan import candidate_count, code_fingerprint, plan_sources, settings_fingerprint
-from pipeline.runner import ProgressMonitor, new_pipeline, pipeline_options, run_pipeline
+from pipeline.runner import ProgressMonitor, new_pipeline, run_pipeline
 from pipeline.shard_writer import ShardWriter, committed_fingerprint
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,14 @@ def stream_lane(lane: int, plan_dir: str, claims_dir: str) -> Iterator[str]:
             yield line
 
 
-def local_lanes(params: HarvestParams, beam_args: Sequence[str]) -> int | None:
+def local_lanes(options: PipelineOptions, work_dir: str) -> int | None:
     """How many claiming lanes a local FnApiRunner run uses (its worker count); None: shuffle instead.
 
     Lanes need the claim files on this machine's disk, so a remote `work_dir` falls back to the shuffle.
     """
-    options = pipeline_options(params.runner, params.workers, beam_args)
     if options.view_as(StandardOptions).runner not in ("FnApiRunner", "DirectRunner"):
         return None
-    if not storage.is_local(params.work_dir):
+    if not storage.is_local(work_dir):
         return None
     return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
 
@@ -236,7 +235,7 @@ def _run_beam(params: HarvestParams, beam_args: Sequence[str], progress_dir: str
     pipeline = new_pipeline(params.runner, params.workers, beam_args)
     plan_dir = storage.join(params.work_dir, "plan")
     harvest = HarvestShard(params.model_dump(mode="json"), progress_dir)
-    lanes = local_lanes(params, beam_args)
+    lanes = local_lanes(pipeline.options, params.work_dir)  # the options the runner was built with
     if lanes is None:
         tasks = (pipeline
                  | "PlanFolder" >> beam.Create([plan_dir])
