@@ -3,6 +3,8 @@
     python benchmarks/train_step.py                  # CPU: tiny (batch 8) and base (batch 1) at 256x256
     python benchmarks/train_step.py --write          # ... and update the train_step section of RESULTS.md
     python benchmarks/train_step.py --device cuda --precision bf16 --sizes base --batch-size 64 --write
+    python benchmarks/train_step.py --device cuda --sizes base --modes latents --batch-size 256 --compile \
+        --channels-last --write                      # the MFU configuration (train.compile, train.channels_last)
 
 Both variants do the same work per step, on the same synthetic batch (random pixels in [-1, 1], the
 tokenised validation prompt): encode the pixels with the frozen autoencoder and the ids with the frozen
@@ -77,6 +79,7 @@ def _params(cfg: dict[str, Any]) -> Any:
         "size": cfg["size"], "resolution": 256, "batch_size": cfg["batch"], "max_steps": 1000,
         "mixed_precision": "bf16" if cfg["precision"] == "bf16" else "no", "compile": cfg["compile"],
         "gradient_checkpointing": cfg["gradient_checkpointing"], "ema": cfg.get("ema", True), "snr_gamma": 5.0,
+        "channels_last": cfg.get("channels_last", False),
         "lr_warmup_steps": 0, "seed": 0, "validation_prompts": [PROMPT]})
 
 
@@ -148,12 +151,17 @@ def run_bare(cfg: dict[str, Any]) -> list[float]:
     unet.train().to(device)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if params.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
     model = torch.compile(unet) if params.compile else unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay,
                                   fused=device.startswith("cuda"))
     ema = None
     if params.ema:
-        ema = EMAModel(unet.parameters(), decay=params.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema = EMAModel(unet.parameters(), decay=params.ema_decay, model_cls=type(unet), model_config=unet.config,
+                       foreach=device.startswith("cuda"))  # diffusers' --foreach_ema
         ema.to(device)
     dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=cfg["precision"] == "bf16")
@@ -262,7 +270,7 @@ def count_flops(size: str) -> dict[str, float]:
 
 
 def run_child(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if cfg["device"] == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -303,9 +311,12 @@ def machine() -> dict[str, Any]:
 
 def merge(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
-    key = ("device_kind", "size", "mode", "batch", "precision", "compile", "variant")
-    new_keys = {tuple(r.get(k) for k in key) for r in rows}
-    runs = [r for r in old.get("runs", []) if tuple(r.get(k) for k in key) not in new_keys] + rows
+    key = ("device_kind", "size", "mode", "batch", "precision", "compile", "channels_last", "variant")
+    def identity(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple((r.get(k) or False) if k == "channels_last" else r.get(k) for k in key)  # older: no key
+
+    new_keys = {identity(r) for r in rows}
+    runs = [r for r in old.get("runs", []) if identity(r) not in new_keys] + rows
     return {"runs": runs, "machines": {**old.get("machines", {}), meta["device_kind"]: meta}}
 
 
@@ -313,23 +324,32 @@ def table(data: dict[str, Any]) -> str:
     lines = []
     for kind, meta in sorted(data["machines"].items()):
         where = meta.get("card") or f"{meta.get('cpus')} CPU cores ({meta.get('machine')})"
+        steps = {r["size"]: r.get("steps") for r in data["runs"] if r["device_kind"] == kind}
+        warmups = " or ".join(str(w) for w in sorted({r.get("warmup", 0) for r in data["runs"]
+                                                       if r["device_kind"] == kind}))
+        counts = " / ".join(f"{n} ({size})" for size, n in sorted(steps.items(), key=lambda i: i[0] != "tiny"))
         lines.append(f"Machine ({kind}): {where}, {meta.get('ram_gib', '?')} GiB RAM, torch {meta.get('torch')}, "
-                     f"{meta.get('date')}; median of {meta.get('steps')} timed steps after {meta.get('warmup')} "
-                     "warm-up step(s).")
+                     f"{meta.get('date')}; median of {counts or meta.get('steps')} timed steps after "
+                     f"{warmups or meta.get('warmup')} warm-up step(s)"
+                     + (" (the more with compile)." if " or " in warmups else "."))
     lines += ["", "| device | size | step | batch | precision | EMA | variant | samples/s | vs bare | "
               "peak memory GiB | UNet GFLOP/sample (fwd+bwd) | MFU |", "|---" * 12 + "|"]
     runs = sorted(data["runs"], key=lambda r: (r["device_kind"], r["size"] != "tiny", r["mode"], r["batch"],
                                               r["variant"] != "bare"))
-    bare = {(r["device_kind"], r["size"], r["mode"], r["batch"], r["precision"], r["compile"]): r
-            for r in runs if r["variant"] == "bare"}
+    def setting(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["device_kind"], r["size"], r["mode"], r["batch"], r["precision"], r["compile"],
+                r.get("channels_last", False))
+
+    bare = {setting(r): r for r in runs if r["variant"] == "bare"}
     for r in runs:
-        ref = bare.get((r["device_kind"], r["size"], r["mode"], r["batch"], r["precision"], r["compile"]))
+        ref = bare.get(setting(r))
         ratio = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}" if ref else "-"
         memory = r.get("gpu_peak_gib") or r.get("peak_rss_gib")
         memory_kind = "GPU" if "gpu_peak_gib" in r else "RSS"
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
         mode = "full (encoders + UNet)" if r["mode"] == "full" else "UNet (latents given)"
-        precision = r["precision"] + (" + compile" if r["compile"] else "")
+        precision = r["precision"] + (" + compile" if r["compile"] else "") + (
+            " + channels-last" if r.get("channels_last") else "")
         ema = "yes" if r.get("ema", True) else "no"
         lines.append(f"| {r.get('gpu') or 'CPU'} | {r['size']} | {mode} | {r['batch']} | {precision} | {ema} "
                      f"| {r['variant']} | {r['samples_per_s']:.3g} | {ratio} | {memory:.2f} ({memory_kind}) "
@@ -357,6 +377,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps (default: CPU tiny 3, base 1; GPU 10)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: CPU 1, GPU 3; 5 with --compile)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in both variants")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC UNet weights and activations in both variants (train.channels_last)")
+    parser.add_argument("--variants", default="bare,ours",
+                        help="which steps to time, e.g. ours to try settings quickly (default: %(default)s)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-ema", action="store_true", help="leave the EMA update out of both variants")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -368,6 +392,9 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
 
+    unknown = set(args.variants.split(",")) - {"bare", "ours"}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from bare, ours")
     gpu = args.device.startswith("cuda")
     precision = args.precision or ("bf16" if gpu else "fp32")
     sizes = args.sizes.split(",")
@@ -392,9 +419,10 @@ def main() -> None:
             continue
         flops = count_flops(size)
         for mode in modes:
-            for variant in ("bare", "ours"):  # interleaved, bare first: the same warm machine for both
+            for variant in args.variants.split(","):  # interleaved, bare first: the same warm machine for both
                 cfg = {"size": size, "mode": mode, "variant": variant, "batch": batch, "device": args.device,
                        "device_kind": meta["device_kind"], "precision": precision, "compile": args.compile,
+                       "channels_last": args.channels_last,
                        "gradient_checkpointing": args.gradient_checkpointing, "steps": steps, "warmup": warmup,
                        "threads": args.threads, "ema": ema and not args.no_ema}
                 result = run_child(cfg, args.timeout)

@@ -76,7 +76,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 _NOT_FINGERPRINTED = frozenset({
     "max_steps", "checkpoint_every", "keep_checkpoints", "output_dir", "checkpoint_dir", "validation_prompts",
     "validation_levels", "validation_steps", "guidance_scale", "num_workers", "threads", "compile",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "channels_last",
 })
 
 

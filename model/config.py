@@ -138,6 +138,9 @@ class TrainParams(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     compile: bool = False
+    channels_last: bool = Field(False, description="Keep the UNet's conv weights and activations in NHWC "
+                                "(channels-last) order: cuDNN's tensor-core kernels run bf16/fp16 convolutions "
+                                "in that layout without transposes. GPUs only; same results up to rounding.")
     ema: bool = True
     ema_decay: float = Field(0.999, gt=0, lt=1)
     snr_gamma: float | None = Field(5.0, description="min-SNR-gamma loss weighting; null: plain MSE.")

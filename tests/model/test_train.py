@@ -568,6 +568,32 @@ def test_two_process_ddp_on_cpu_trains_and_exports(chips8: str, tmp_path: Path) 
     assert (tmp_path / "model" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
+def test_channels_last_trains_like_the_default_layout_and_exports_plain_weights(chips8: str, tmp_path: Path) -> None:
+    """NHWC is a speed setting: same weights up to rounding, checkpoints resume, the export loads anywhere."""
+    from model import Text2EarthPipeline
+    from model.train import train
+
+    weights = {}
+    for channels_last in (False, True):
+        reset_accelerate()
+        params = tiny_params(tmp_path / str(channels_last), chips8, max_steps=4, checkpoint_every=2,
+                             channels_last=channels_last)
+        train(params, progress=False, live_dir=str(tmp_path / str(channels_last) / "live"), samples_path=None)
+        weights[channels_last] = unet_weights(tmp_path / str(channels_last) / "model")
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[True].items():
+        assert tensor.is_contiguous(), name
+        torch.testing.assert_close(tensor, weights[False][name], rtol=1e-4, atol=1e-4)
+    reset_accelerate()
+    params = tiny_params(tmp_path / "True", chips8, max_steps=6, checkpoint_every=2, channels_last=True)
+    summary = train(params, resume="latest", progress=False, live_dir=str(tmp_path / "True" / "live"),
+                    samples_path=None)
+    assert summary["start_step"] == 4 and summary["steps_run"] == 2
+    pipeline = Text2EarthPipeline.from_pretrained(tmp_path / "True" / "model")
+    assert pipeline.unet.conv_in.weight.is_contiguous()
+
+
 def test_a_run_resumed_at_its_last_step_keeps_the_recorded_figures(tmp_path: Path) -> None:
     from stages.train import with_earlier_figures
 
