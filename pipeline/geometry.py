@@ -72,11 +72,36 @@ def _global_lat_limits(crs_text: str) -> tuple[float, float] | None:
     For such CRSs the limits are where the projection stops being meaningful. Regional CRSs (UTM zones)
     are deliberately not clipped to their nominal zone: real products (Landsat) use a zone well beyond
     it, and the round-trip test below already catches where the projection itself breaks down.
+
+    Polar CRSs (all longitudes, one hemisphere: polar stereographic, UPS) count as regional: their
+    nominal areas stop at a latitude (60 N for EPSG:3413) that real grids (NSIDC, Landsat) go far beyond.
     """
     aou = _crs(crs_text).area_of_use
-    if aou is None or aou.east - aou.west < 359.0:
+    if aou is None or aou.east - aou.west < 359.0 or aou.south >= 0.0 or aou.north <= 0.0:
         return None
     return aou.south, aou.north
+
+
+@lru_cache(maxsize=128)
+def _x_period(crs_text: str) -> float | None:
+    """CRS x units per trip around the equator, for world-spanning projected CRSs whose x repeats
+    (Mercator-like): a grid may run past the antimeridian (Web Mercator x > 20,037,508 m) and its points
+    come back from the round trip shifted by whole periods. None where x does not repeat."""
+    crs = _crs(crs_text)
+    aou = crs.area_of_use
+    if crs.is_geographic or aou is None or aou.east - aou.west < 359.0:
+        return None
+    lon0 = 0.0
+    operation = crs.coordinate_operation
+    for param in getattr(operation, "params", None) or []:
+        if "longitude" in param.name.lower() and ("origin" in param.name.lower()
+                                                   or "central" in param.name.lower()):
+            lon0 = float(param.value)
+            break
+    forward = _from_lonlat(crs_text)
+    (x_west, x_east), _ = forward.transform([lon0 - 179.999, lon0 + 179.999], [0.0, 0.0], errcheck=False)
+    period = (x_east - x_west) * 360.0 / 359.998
+    return period if math.isfinite(period) and period > 0 else None
 
 
 def crs_label(crs_like: object) -> str:
@@ -114,9 +139,21 @@ def _valid_points(xs: np.ndarray, ys: np.ndarray, lon: np.ndarray, lat: np.ndarr
     with np.errstate(invalid="ignore"):
         bx, by = _from_lonlat(crs_text).transform(np.where(ok, lon, 0.0), np.where(ok, lat, 0.0),
                                                   errcheck=False)
-        err = np.hypot(np.asarray(bx) - xs, np.asarray(by) - ys)
+        dx, dy = xs - np.asarray(bx), ys - np.asarray(by)
+        period = _x_period(crs_text)
+        if period is not None:  # past the antimeridian of a repeating grid: the same ground, periods away
+            dx = dx - np.round(dx / period) * period
+        err = np.hypot(dx, dy)
         ok &= np.isfinite(err) & (err <= tolerance)
     return ok
+
+
+def valid_area_note(crs_text: str) -> str:
+    """What "the CRS's valid area" means for `crs_text`, for rejection details."""
+    limits = _global_lat_limits(crs_text)
+    if limits is None:
+        return "or do not transform back to the same CRS point"
+    return f"or outside the CRS's latitudes {limits[0]:.2f}..{limits[1]:.2f}"
 
 
 def _boundary(width: float, height: float, per_edge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +194,7 @@ def _ring_to_polygon(lon: np.ndarray, lat: np.ndarray) -> BaseGeometry:
     """A closed boundary in lon/lat as a valid (multi)polygon inside [-180, 180]."""
     if not (np.all(np.isfinite(lon)) and np.all(np.isfinite(lat))):
         raise SampleRejected("off_earth", "footprint corners do not transform to lon/lat")
+    lon, lat = _spread_poles(lon, lat)
     lo, hi = lon.min(), lon.max()
     if hi - lo < 90.0 and lo >= -180.0 and hi <= 180.0:  # the common case: away from the antimeridian
         x, y = lon, lat
@@ -174,6 +212,29 @@ def _ring_to_polygon(lon: np.ndarray, lat: np.ndarray) -> BaseGeometry:
         poly = max(getattr(poly, "geoms", [poly]), key=lambda g: g.area)
     shift = 360.0 * math.floor((poly.centroid.x + 180.0) / 360.0)
     return _fold_to_world(affinity.translate(poly, xoff=-shift))
+
+
+def _spread_poles(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A boundary point exactly on a pole has no longitude (PROJ returns the central meridian): replace it
+    by two pole vertices at its neighbours' longitudes, so the outline runs along the pole instead of
+    jumping to an arbitrary meridian."""
+    at_pole = np.abs(lat) >= 90.0 - 1e-9
+    if not at_pole.any() or at_pole.all():
+        return lon, lat
+    n = len(lon)
+    out_lon: list[float] = []
+    out_lat: list[float] = []
+    for i in range(n):
+        if not at_pole[i]:
+            out_lon.append(float(lon[i]))
+            out_lat.append(float(lat[i]))
+            continue
+        prev = next(j % n for j in range(i - 1, i - n, -1) if not at_pole[j % n])
+        after = next(j % n for j in range(i + 1, i + n) if not at_pole[j % n])
+        pole = 90.0 if lat[i] > 0 else -90.0
+        out_lon += [float(lon[prev]), float(lon[after])]
+        out_lat += [pole, pole]
+    return np.asarray(out_lon), np.asarray(out_lat)
 
 
 def geodesic_pixel_size(transform: Affine, crs_text: str, col: float, row: float) -> tuple[float, float]:
@@ -251,7 +312,7 @@ def chip_geometries(scene_transform: Affine, crs_text: str, windows: list[tuple[
             if not ok[j].all():
                 bad = int((~ok[j]).sum())
                 results[i] = SampleRejected("off_earth", f"{bad} of {ok.shape[1]} sampled chip points are off "
-                                            "the Earth or outside the CRS's valid area")
+                                            f"the Earth {valid_area_note(crs_text)}")
         for k, row in enumerate(good.tolist()):
             i, j = idx[row], row
             inside_w = min(float(size), (scene_width - windows[i][0]) / factor)

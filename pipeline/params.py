@@ -103,9 +103,9 @@ class StacSource(_SourceBase, _RasterOptions):
 
     @property
     def is_api_search(self) -> bool:
-        """A search field means a STAC API; otherwise the URI is read as a static catalog."""
-        return any(v is not None for v in (self.collections, self.bbox, self.datetime, self.max_items,
-                                           self.query))
+        """A search field means a STAC API; otherwise the URI is read as a static catalog (`max_items`
+        alone limits either)."""
+        return any(v is not None for v in (self.collections, self.bbox, self.datetime, self.query))
 
 
 class CaptionedSource(_SourceBase):

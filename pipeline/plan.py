@@ -32,7 +32,9 @@ from pipeline.raster import (
     axis_offsets,
     classify_error,
     default_bands,
+    error_text,
     gdal_env,
+    local_open_problem,
     probe_remote,
     pyramid_factors,
     read_header,
@@ -91,6 +93,8 @@ def expand_uri(uri: str) -> list[str]:
     if not _GLOB_CHARS.search(uri) or uri.startswith(("http://", "https://")):
         return [uri]
     if not is_remote(uri):
+        if os.path.isfile(uri):  # a file whose name holds [ ] ? or *: the name, not a pattern
+            return [uri]
         return sorted(p for p in glob.glob(uri, recursive=True) if os.path.isfile(p))
     fs, _ = storage.filesystem(uri)
     protocol = uri.split("://", 1)[0]
@@ -133,7 +137,7 @@ def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, p
     except RasterioError as exc:
         if is_remote(ref["open_uri"]):
             return _error(ref, *probe_remote(ref["open_uri"], params.http_timeout_s))
-        return _error(ref, classify_error(exc), str(exc))
+        return _error(ref, *(local_open_problem(ref["open_uri"]) or (classify_error(exc), error_text(exc))))
     if header.width * header.height > params.max_scene_pixels:
         return _error(ref, "image_too_large", f"{header.width}x{header.height} pixels > max_scene_pixels "
                       f"{params.max_scene_pixels}")
@@ -143,6 +147,9 @@ def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, p
         if header.has_gcps:
             return _error(ref, "no_georeference", "only ground control points: warp it first "
                           "(gdalwarp -t_srs EPSG:4326 in.tif out.tif)")
+        if header.has_rpcs:
+            return _error(ref, "no_georeference", "only RPCs (a sensor model, not a map grid): orthorectify it "
+                          "first (gdalwarp -rpc -t_srs EPSG:4326 in.tif out.tif)")
         return _error(ref, "no_crs", "the raster has no CRS; assign one (gdal_edit.py -a_srs) or drop it")
     if header.transform.is_identity:
         return _error(ref, "no_georeference", "the raster has a CRS but an identity geotransform")
@@ -151,6 +158,10 @@ def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, p
         if uri == ref["open_uri"] and band > header.count:
             return _error(ref, "bad_bands", f"band {band} requested but the file has {header.count}; set "
                           "`bands` in the sources file")
+        if uri == ref["open_uri"] and header.colorinterp[band - 1].lower() == "palette":
+            return _error(ref, "bad_bands", f"band {band} holds palette indices, not brightness (averaging "
+                          "them is meaningless): expand the colour table first "
+                          "(gdal_translate -expand rgb in.tif out.tif)")
     crs_text = crs_label(header.crs)
     try:
         native = first_valid_gsd(header.transform, crs_text, header.width, header.height)
@@ -162,6 +173,8 @@ def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, p
     for k, f in enumerate(factors):
         side = params.chip_size * f
         col_offs, row_offs = axis_offsets(header.width, side), axis_offsets(header.height, side)
+        if k == 0:  # native level: even a scene under half a window gets its one padded window (and a reason)
+            col_offs, row_offs = col_offs or [0], row_offs or [0]
         chips += [[k, r, c, co, ro] for r, ro in enumerate(row_offs) for c, co in enumerate(col_offs)]
     meta = dict(ref["meta"])
     meta["acquired"] = meta.get("acquired") or tiff_datetime_to_iso(header.datetime_tag)
@@ -210,9 +223,9 @@ def plan_raster_source(source: GeoTiffSource | StacSource, params: HarvestParams
     errors: list[dict[str, Any]] = []
     try:
         refs = list(_raster_refs(source))
-    except (OSError, ValueError, SampleRejected) as exc:  # unreachable catalog, bad JSON...
-        reason = exc.reason if isinstance(exc, SampleRejected) else "unreachable"
-        refs, errors = [], [{"error": reason, "detail": str(exc), "uri": source.uri, "scene_id": "catalog"}]
+    except Exception as exc:  # missing or broken catalog, server down, not STAC: one row says why
+        reason, detail = listing_problem(source.uri, exc)
+        refs, errors = [], [{"error": reason, "detail": detail, "uri": source.uri, "scene_id": "catalog"}]
     if not refs and not errors:
         errors.append({"error": "not_found", "detail": f"{source.uri!r} matched no file", "uri": source.uri,
                        "scene_id": "nofiles"})
@@ -241,6 +254,20 @@ def plan_raster_source(source: GeoTiffSource | StacSource, params: HarvestParams
     yield from _error_tasks(source, errors, params.samples_per_shard)
 
 
+def listing_problem(uri: str, exc: BaseException) -> tuple[str, str]:
+    """(reason, detail) for a source listing (catalog, caption JSON, URL list) that could not be read."""
+    if isinstance(exc, SampleRejected):
+        return exc.reason, exc.detail or str(exc)
+    text = str(exc) if uri in str(exc) and isinstance(exc, ValueError) else f"{uri}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError) and not is_remote(uri):
+        return "not_found", text
+    if is_remote(uri) and not isinstance(exc, (ValueError, KeyError, TypeError)):
+        reason, why = probe_remote(uri, 10.0)  # down, missing, or there (then the content is the problem)
+        if reason != "not_a_raster":
+            return reason, f"{why} ({type(exc).__name__}: {exc})"
+    return "unreadable", text
+
+
 def _raster_task(source: str, number: int, parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"kind": "raster", "shard": f"{source}-{number:05d}", "source": source, "scenes": parts}
 
@@ -253,29 +280,52 @@ def _karpathy_images(source: CaptionedSource) -> Iterator[dict[str, Any]]:
         raise SampleRejected("unreadable", f"{source.uri} is not a Karpathy caption JSON (no `images` list)")
     base = source.uri.rsplit("/", 1)[0] if "/" in source.uri else "."
     image_dir = source.image_dir or storage.join(base, "images")
-    for rec in images:
-        name = str(rec.get("filename", ""))
-        rel = storage.join(image_dir, rec["filepath"], name) if rec.get("filepath") else storage.join(
+    seen: dict[str, dict[str, Any]] = {}  # an image listed twice is one sample with the captions of both
+    for n, rec in enumerate(images):
+        where = f"{source.uri}: images[{n}]"
+        if not isinstance(rec, dict):
+            yield {"error": "unreadable", "detail": f"{where} is a {type(rec).__name__}, not an object",
+                   "uri": source.uri, "scene_id": f"record-{n}"}
+            continue
+        name = str(rec.get("filename") or "").strip()
+        sentences_in = rec.get("sentences") or []
+        if not name or not isinstance(sentences_in, list):
+            problem = "has no filename" if not name else "has `sentences` that are not a list"
+            yield {"error": "unreadable", "detail": f"{where} {problem}", "uri": source.uri,
+                   "scene_id": f"record-{n}"}
+            continue
+        rel = storage.join(image_dir, str(rec["filepath"]), name) if rec.get("filepath") else storage.join(
             image_dir, name)
-        sentences = [str(s.get("raw") or " ".join(s.get("tokens", []))).strip()
-                     for s in rec.get("sentences", []) if isinstance(s, dict)]
+        sentences = [str(s.get("raw") or " ".join(str(t) for t in s.get("tokens") or [])).strip()
+                     for s in sentences_in if isinstance(s, dict)]
+        sentences += [s.strip() for s in sentences_in if isinstance(s, str)]
         label = rec.get("class", rec.get("label", rec.get("category")))
+        split = rec.get("split")
+        if rel in seen:
+            seen[rel]["captions"] += [s for s in sentences if s and s not in seen[rel]["captions"]]
+            continue
         stem = name.rsplit(".", 1)[0]
-        yield {"key": f"{source.name}-{slug(stem)}-{short_hash(rel)}", "uri": rel,
-               "open_uri": local_abspath(rel), "captions": [s for s in sentences if s],
-               "split": rec.get("split"), "class": None if label is None else str(label)}
+        seen[rel] = {"key": f"{source.name}-{slug(stem)}-{short_hash(rel)}", "uri": rel,
+                     "open_uri": local_abspath(rel), "captions": [s for s in sentences if s],
+                     "split": None if split is None else str(split), "class": None if label is None else str(label)}
+    yield from seen.values()
 
 
 def plan_captioned_source(source: CaptionedSource, params: HarvestParams) -> Iterator[dict[str, Any]]:
     """Shard tasks for a Karpathy-layout captioned dataset, `samples_per_shard` images each."""
     try:
-        images = list(_karpathy_images(source))
-    except (OSError, ValueError, KeyError, SampleRejected) as exc:
-        reason = exc.reason if isinstance(exc, SampleRejected) else (
-            "not_found" if isinstance(exc, FileNotFoundError) else "unreadable")
-        yield from _error_tasks(source, [{"error": reason, "detail": str(exc), "uri": source.uri,
+        listed = list(_karpathy_images(source))
+    except Exception as exc:  # missing, unreachable or not a caption JSON: one row says why
+        reason, detail = listing_problem(source.uri, exc)
+        yield from _error_tasks(source, [{"error": reason, "detail": detail, "uri": source.uri,
                                           "scene_id": "captions"}], params.samples_per_shard)
         return
+    images = [rec for rec in listed if "error" not in rec]
+    errors = [rec for rec in listed if "error" in rec]
+    if not listed:
+        errors.append({"error": "not_found", "detail": f"{source.uri} lists no images", "uri": source.uri,
+                       "scene_id": "captions"})
+    yield from _error_tasks(source, errors, params.samples_per_shard)
     for n, chunk in enumerate(_chunks(images, params.samples_per_shard)):
         yield {"kind": "images", "shard": f"{source.name}-{n:05d}", "source": source.name,
                "meta": _meta(source), "images": chunk}
@@ -293,25 +343,58 @@ def _url_rows(source: UrlsSource) -> Iterator[dict[str, Any]]:
                                  "(set url_col / caption_col)")
             batches: Iterator[dict[str, list[Any]]] = (b.to_pydict() for b in pf.iter_batches(columns=cols))
         else:
-            reader = csv.DictReader(line.decode("utf-8") for line in fh)
+            bad_lines: list[int] = []
+            reader = csv.DictReader(_decoded_lines(fh, bad_lines))
+            names = reader.fieldnames or []
+            missing = [c for c in cols if c not in names]
+            if missing:
+                raise ValueError(f"{source.uri} has no column(s) {missing}; its header is {names} "
+                                 "(set url_col / caption_col)")
             batches = ({c: [r.get(c)] for c in cols} for r in reader)
         for batch in batches:
             for i in range(len(batch[source.url_col])):
                 caption = batch[source.caption_col][i] if source.caption_col in batch else None
                 yield {"key": f"{source.name}-{index:09d}", "url": batch[source.url_col][i], "caption": caption}
                 index += 1
+        if not source.uri.lower().endswith(".parquet"):
+            for line in bad_lines:
+                yield {"error": "unreadable", "detail": f"{source.uri}: line {line} is not UTF-8 text (re-save "
+                       "the list as UTF-8); its row was skipped", "uri": source.uri, "scene_id": f"line-{line}"}
+
+
+def _decoded_lines(fh: Any, bad_lines: list[int]) -> Iterator[str]:
+    """Text lines of a CSV file (a UTF-8 byte-order mark dropped); a line that is not UTF-8 is noted in
+    `bad_lines` (1-based) and skipped instead of ending the list there."""
+    for number, raw in enumerate(fh, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            bad_lines.append(number)
 
 
 def plan_urls_source(source: UrlsSource, params: HarvestParams) -> Iterator[dict[str, Any]]:
     """Shard tasks for a URL list: `samples_per_shard` rows each, downloaded later by img2dataset."""
+    errors: list[dict[str, Any]] = []
+    count = 0
     try:
-        for n, rows in enumerate(_chunks(_url_rows(source), params.samples_per_shard)):
+        def rows() -> Iterator[dict[str, Any]]:
+            for row in _url_rows(source):
+                if "error" in row:
+                    errors.append(row)
+                else:
+                    yield row
+
+        for n, chunk in enumerate(_chunks(rows(), params.samples_per_shard)):
+            count += len(chunk)
             yield {"kind": "urls", "shard": f"{source.name}-{n:05d}", "source": source.name,
-                   "meta": _meta(source), "rows": rows}
-    except (OSError, ValueError, KeyError) as exc:
-        reason = "not_found" if isinstance(exc, FileNotFoundError) else "unreadable"
-        yield from _error_tasks(source, [{"error": reason, "detail": str(exc), "uri": source.uri,
-                                          "scene_id": "urls"}], params.samples_per_shard)
+                   "meta": _meta(source), "rows": chunk}
+    except Exception as exc:  # missing, unreachable or unreadable list: one row says why
+        reason, detail = listing_problem(source.uri, exc)
+        errors.append({"error": reason, "detail": detail, "uri": source.uri, "scene_id": "urls"})
+    if count == 0 and not errors:
+        errors.append({"error": "not_found", "detail": f"{source.uri} lists no URLs", "uri": source.uri,
+                       "scene_id": "urls"})
+    yield from _error_tasks(source, errors, params.samples_per_shard)
 
 
 def plan_sources(params: HarvestParams, settings: str) -> Iterator[dict[str, Any]]:

@@ -25,7 +25,7 @@ from pipeline.chips import (
 from pipeline.errors import SampleRejected
 from pipeline.geometry import ChipGeometry, chip_geometries, level_for_gsd
 from pipeline.params import HarvestParams
-from pipeline.raster import Scene, Stretch, classify_error, gdal_env, open_scene
+from pipeline.raster import Scene, Stretch, classify_error, error_text, gdal_env, open_scene
 from pipeline.shard_writer import ShardWriter
 
 _STRETCH_CACHE: OrderedDict[str, Stretch] = OrderedDict()  # per worker process: scenes split in parts
@@ -68,7 +68,7 @@ def _raster_chip(scene: Scene, stretch: Stretch, spec: dict[str, Any], chip: lis
         values, valid, nodata_fraction = scene.read_chip(col_off, row_off, factor, size,
                                                          params.max_read_factor)
     except RasterioError as exc:
-        raise SampleRejected("read_error", str(exc)) from exc
+        raise SampleRejected("read_error", error_text(exc)) from exc
     rgb = stretch.to_uint8(values)
     if not valid.all():
         rgb = np.where(valid, rgb, 0).astype(np.uint8)
@@ -124,7 +124,7 @@ def _harvest_scene_part(task: dict[str, Any], part: dict[str, Any], params: Harv
                     writer.add(row, image, geo.footprint)
                 done += 1
     except (SampleRejected, RasterioError) as exc:
-        failure = exc if isinstance(exc, SampleRejected) else SampleRejected(classify_error(exc), str(exc))
+        failure = exc if isinstance(exc, SampleRejected) else SampleRejected(classify_error(exc), error_text(exc))
         for chip in chips[done:]:
             reject_candidate(writer, task, chip_key(task["source"], spec["scene_id"], *chip[:3]), spec["uri"],
                              failure, pyramid_level=chip[0])
@@ -152,7 +152,8 @@ def harvest_images(task: dict[str, Any], params: HarvestParams, writer: ShardWri
         gsd = declared * scale if declared else None
         captions = rec["captions"]
         row = base_row(
-            task["source"], task["meta"], key=rec["key"], source_uri=rec["uri"], scene_id=rec["key"].split("-", 1)[1],
+            task["source"], task["meta"], key=rec["key"], source_uri=rec["uri"],
+            scene_id=rec["key"][len(task["source"]) + 1:],
             gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared, level=level_for_gsd(gsd),
             pyramid_level=0, width=params.chip_size, height=params.chip_size, nodata_fraction=0.0,
             bands=[1, 2, 3], scene_class=rec.get("class"), source_split=rec.get("split"),

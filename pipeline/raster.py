@@ -7,6 +7,7 @@ requests, never downloaded whole.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.error
 import urllib.request
@@ -70,6 +71,34 @@ def probe_remote(uri: str, timeout_s: float) -> tuple[str, str]:
     return "not_a_raster", f"{uri} exists but GDAL cannot read it as a raster"
 
 
+def error_text(exc: BaseException) -> str:
+    """The message of a rasterio error and of the GDAL error behind it ("Read failed. See previous
+    exception" alone says nothing about the block or the codec that failed)."""
+    parts = [str(exc)]
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(parts) < 4:
+        said = " ".join(parts)
+        if str(cause) and str(cause) not in said:
+            parts.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if len(parts) > 1 and "see previous exception" in parts[0].lower():
+        parts = parts[1:]  # rasterio's pointer to the cause, now that the cause is here
+    text = ": ".join(parts)
+    if re.search(r"ireadblock|tiffread|decode|truncat|short read", text.lower()):
+        text += " (the file looks truncated or corrupt: re-download or re-export it)"
+    return text
+
+
+def local_open_problem(path: str) -> tuple[str, str] | None:
+    """A clearer reason than GDAL's for a local path that is a folder or an empty file."""
+    if os.path.isdir(path):
+        return "not_a_raster", (f"{path} is a folder, not a raster file: point `uri` at its files "
+                                "(e.g. folder/*.tif)")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "unreadable", f"{path} is empty (0 bytes): the download or copy did not finish"
+    return None
+
+
 def classify_error(exc: BaseException) -> str:
     """Map a GDAL/rasterio error message to a rejected-row reason."""
     text = str(exc).lower()
@@ -95,6 +124,7 @@ class SceneHeader:
     colorinterp: tuple[str, ...]
     datetime_tag: str | None
     has_gcps: bool
+    has_rpcs: bool = False
 
 
 def read_header(uri: str) -> SceneHeader:
@@ -104,7 +134,7 @@ def read_header(uri: str) -> SceneHeader:
         return SceneHeader(
             width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0] if ds.count else "none",
             crs=ds.crs, transform=ds.transform, colorinterp=tuple(c.name for c in ds.colorinterp),
-            datetime_tag=ds.tags().get("TIFFTAG_DATETIME"), has_gcps=bool(gcps),
+            datetime_tag=ds.tags().get("TIFFTAG_DATETIME"), has_gcps=bool(gcps), has_rpcs=ds.rpcs is not None,
         )
 
 
@@ -274,7 +304,9 @@ class Scene:
         weight = np.max(np.stack(weights), axis=0)
         if self.nodata is not None:
             weight = np.where(np.all(stack == self.nodata, axis=0), 0.0, weight).astype(np.float32)
-        return np.where(np.isfinite(stack), stack, 0.0).astype(np.float32), weight
+        finite = np.all(np.isfinite(stack), axis=0)  # NaN without a nodata tag is nodata too (as in `_read`)
+        weight = np.where(finite, weight, 0.0).astype(np.float32)
+        return np.where(finite, stack, 0.0).astype(np.float32), weight
 
     def stretch(self, mode: str, percentiles: tuple[float, float], per_band: bool, sample_size: int
                 ) -> Stretch:
@@ -362,14 +394,15 @@ def open_scene(channels: list[tuple[str, int]], nodata: float | None) -> Iterato
         try:
             scene = Scene(channels, nodata, stack)
         except RasterioError as exc:
-            raise SampleRejected(classify_error(exc), str(exc)) from exc
+            raise SampleRejected(classify_error(exc), error_text(exc)) from exc
         yield scene
 
 
 def axis_offsets(dim: int, side: int) -> list[int]:
     """Window starts along one axis: a regular grid, plus one window snapped to the far edge when the
     leftover strip is at least half a window (so edge chips hold real pixels, not padding). A scene
-    shorter than one window but at least half of it gets one window at 0, padded with nodata.
+    shorter than one window but at least half of it gets one window at 0, padded with nodata; a shorter
+    one gets none (the planner still gives the native level its padded window, so nothing goes unrecorded).
     """
     full = dim // side
     offsets = [i * side for i in range(full)]

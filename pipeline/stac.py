@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,25 +15,74 @@ from pipeline.params import StacSource
 _GEOTIFF_TYPES = ("image/tiff", "image/vnd.stac.geotiff")
 
 
-def _items(source: StacSource) -> list[pystac.Item]:
+def _search(source: StacSource) -> list[pystac.Item]:
+    """Items of a STAC API search; an endpoint that cannot search says what to change."""
+    from pystac_client import Client  # imported here: only API sources need it
+    from pystac_client.errors import ClientTypeError
+    from pystac_client.exceptions import APIError
+    from pystac_client.warnings import PystacClientWarning
+
+    try:
+        client = Client.open(source.uri)
+        search = client.search(collections=source.collections, bbox=source.bbox, datetime=source.datetime,
+                               max_items=source.max_items, query=source.query)
+        return list(search.items())
+    except APIError as exc:
+        raise SampleRejected("unreachable", f"STAC API {source.uri}: {exc}") from exc
+    except (PystacClientWarning, ClientTypeError) as exc:  # a static catalog or collection, not an API
+        raise SampleRejected("unreadable", f"{source.uri} is not a STAC API with item search ({exc}); "
+                             "collections/bbox/datetime/query need one: remove them to read it as a static "
+                             "catalog") from exc
+
+
+def _walk(catalog: pystac.Catalog, problems: list[dict[str, Any]]) -> Iterator[pystac.Item]:
+    """Every item below `catalog`; a child or item link that does not resolve becomes a problem row
+    instead of ending the walk (one broken link must not lose the rest of the catalog)."""
+    root = catalog.get_root()
+    for link in catalog.get_links():
+        if link.rel not in ("child", "item"):
+            continue
+        try:
+            target = link.resolve_stac_object(root=root).target
+        except Exception as exc:  # pystac raises STACError, STACTypeError, OSError, JSON errors...
+            href = link.get_absolute_href() or link.href
+            problems.append(_problem(href, exc))
+            continue
+        if isinstance(target, pystac.Item):
+            yield target
+        elif isinstance(target, pystac.Catalog):
+            yield from _walk(target, problems)
+
+
+def _problem(href: str, exc: BaseException) -> dict[str, Any]:
+    missing = isinstance(exc, FileNotFoundError) or ("://" not in href and not os.path.exists(href))
+    cause = exc.__cause__ or exc.__context__  # pystac's "does not resolve" hides the real reason
+    why = f"{exc}: {cause}" if cause is not None and str(cause) not in str(exc) else str(exc)
+    return {"error": "not_found" if missing else "unreadable", "detail": f"{href}: {why}", "uri": href,
+            "scene_id": slug(href.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or "link"}
+
+
+def _items(source: StacSource, problems: list[dict[str, Any]]) -> list[pystac.Item]:
     """Items of the source, sorted by (collection, id) so the plan does not depend on server order."""
     if source.is_api_search:
-        from pystac_client import Client  # imported here: only API sources need it
-
-        search = Client.open(source.uri).search(
-            collections=source.collections, bbox=source.bbox, datetime=source.datetime,
-            max_items=source.max_items, query=source.query,
-        )
-        items = list(search.items())
+        items = _search(source)
     else:
-        obj = pystac.read_file(source.uri)
+        obj: pystac.STACObject | pystac.ItemCollection
+        try:
+            obj = pystac.read_file(source.uri)
+        except pystac.STACTypeError:  # a GeoJSON FeatureCollection of items (an ItemCollection)
+            obj = pystac.ItemCollection.from_file(source.uri)
         if isinstance(obj, pystac.Item):
             items = [obj]
         elif isinstance(obj, pystac.Catalog):  # Collections are Catalogs too
-            items = list(obj.get_items(recursive=True))
+            items = list(_walk(obj, problems))
+        elif isinstance(obj, pystac.ItemCollection):
+            items = list(obj.items)
         else:
-            raise SampleRejected("not_found", f"{source.uri} is a STAC {type(obj).__name__}, not a catalog, "
-                                 "collection or item")
+            raise SampleRejected("unreadable", f"{source.uri} is a STAC {type(obj).__name__}, not a catalog, "
+                                 "collection, item or item collection")
+        if source.max_items is not None:  # static catalogs honour max_items too (first by collection, id)
+            items = sorted(items, key=lambda it: (it.collection_id or "", it.id))[:source.max_items]
     return sorted(items, key=lambda it: (it.collection_id or "", it.id))
 
 
@@ -45,11 +95,29 @@ def _pick_assets(item: pystac.Item, wanted: list[str] | None) -> list[str]:
         return list(wanted)
     if "visual" in item.assets:
         return ["visual"]
+    rgb = _rgb_assets(item)
+    if rgb:
+        return rgb
     for key in sorted(item.assets):
         media = (item.assets[key].media_type or "").lower()
         if media.startswith(_GEOTIFF_TYPES) or item.assets[key].href.lower().endswith((".tif", ".tiff")):
             return [key]
     raise SampleRejected("bad_bands", f"item {item.id} has no GeoTIFF asset; set `assets` in the sources file")
+
+
+def _rgb_assets(item: pystac.Item) -> list[str] | None:
+    """Single-band red, green and blue assets, by key or by `eo:bands` common name (Landsat, Sentinel-2)."""
+    found: dict[str, str] = {}
+    for key in sorted(item.assets):
+        asset = item.assets[key]
+        names = {key.lower()} | {str(b.get("common_name", "")).lower()
+                                 for b in asset.extra_fields.get("eo:bands", []) or [] if isinstance(b, dict)}
+        if len(asset.extra_fields.get("eo:bands", []) or []) > 1:
+            continue  # a multi-band asset is not one colour channel
+        for colour in ("red", "green", "blue"):
+            if colour in names and colour not in found:
+                found[colour] = key
+    return [found[c] for c in ("red", "green", "blue")] if len(found) == 3 else None
 
 
 def _first(*values: Any) -> Any:
@@ -69,6 +137,8 @@ def item_scene(item: pystac.Item, source: StacSource) -> dict[str, Any]:
     else:
         channels = None  # decided from the file's colour interpretation when its header is read
     instruments = props.get("instruments")
+    if isinstance(instruments, str):  # the spec says a list; some catalogs give one string
+        instruments = [instruments]
     acquired = item.datetime.isoformat() if item.datetime else props.get("start_datetime")
     self_href = item.get_self_href() or f"{source.uri}#{item.id}"
     return {
@@ -88,9 +158,11 @@ def item_scene(item: pystac.Item, source: StacSource) -> dict[str, Any]:
 
 def stac_scenes(source: StacSource) -> Iterator[dict[str, Any]]:
     """Scene references for every item; an item whose assets do not fit yields an `error` entry."""
-    for item in _items(source):
+    problems: list[dict[str, Any]] = []
+    for item in _items(source, problems):
         try:
             yield item_scene(item, source)
         except SampleRejected as exc:
             yield {"error": exc.reason, "detail": exc.detail, "uri": item.get_self_href() or item.id,
                    "scene_id": slug(item.id)}
+    yield from problems

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.chips import check_quality, sha256_hex
+from pipeline.chips import check_quality, encode_image, sha256_hex
 from pipeline.errors import SampleRejected
 from pipeline.geometry import level_for_gsd
 from pipeline.params import HarvestParams
@@ -103,7 +103,11 @@ def harvest_urls(task: dict[str, Any], params: HarvestParams, writer: ShardWrite
         gsd = declared * scale if declared else None
         caption = row.get("caption") or None
         try:
-            pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+            with Image.open(io.BytesIO(image)) as decoded:
+                was_rgb = decoded.mode == "RGB"
+                pixels = np.asarray(decoded.convert("RGB"))
+            if not was_rgb:  # grey or palette output of the resizer: store the RGB the metadata promises
+                image = encode_image(pixels, params.image_format, params.jpeg_quality)
             check_quality(np.transpose(pixels, (2, 0, 1)), 0.0, params.max_nodata_fraction,
                           params.min_value_range)
         except SampleRejected as exc:
@@ -111,7 +115,7 @@ def harvest_urls(task: dict[str, Any], params: HarvestParams, writer: ShardWrite
             continue
         out = base_row(
             task["source"], task["meta"], key=row["key"], source_uri=row["url"],
-            scene_id=row["key"].split("-", 1)[1], gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared,
+            scene_id=row["key"][len(task["source"]) + 1:], gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared,
             level=level_for_gsd(gsd), pyramid_level=0,
             width=res["width"], height=res["height"], nodata_fraction=0.0, bands=[1, 2, 3],
             image_format=params.image_format, sha256=sha256_hex(image),

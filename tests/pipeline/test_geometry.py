@@ -164,6 +164,43 @@ def test_footprint_around_a_pole_closes_through_it() -> None:
     assert fp.bounds[3] == pytest.approx(90.0)
 
 
+@pytest.mark.parametrize(("crs", "lon", "lat"), [("EPSG:3413", -60.0, 55.0), ("EPSG:3031", -65.0, -57.0)])
+def test_polar_stereographic_beyond_its_nominal_area_is_kept(crs: str, lon: float, lat: float) -> None:
+    """EPSG:3413's area of use stops at 60 N, NSIDC grids and Landsat scenes in it reach ~30 N."""
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    geo = chip_geometry(Affine(30.0, 0, x, 0, -30.0, y), crs, 0, 0, 1, 64, 64, 64)
+    assert abs(geo.lat - lat) < 0.1
+    assert geo.gsd_m == pytest.approx(math.sqrt(math.prod(reference_gsd(
+        Affine(30.0, 0, x, 0, -30.0, y), rasterio.crs.CRS.from_user_input(crs), 32, 32, 1.0))), rel=5e-3)
+
+
+def test_web_mercator_grid_past_the_antimeridian_is_the_same_ground() -> None:
+    """A 3857 tile grid may run past x = 20,037,508 m (Fiji): those points wrap to -180.., they are on Earth."""
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(179.9, -16.0)
+    transform = Affine(100.0, 0, x, 0, -100.0, y)
+    geo = chip_geometry(transform, "EPSG:3857", 0, 0, 1, 256, 256, 256)
+    assert geo.footprint.geom_type == "MultiPolygon"
+    assert geo.gsd_x_m == pytest.approx(100.0 * math.cos(math.radians(16.1)), rel=5e-3)
+
+
+@pytest.mark.parametrize("crs", ["EPSG:3413", "EPSG:3031"])
+def test_chips_with_the_pole_on_a_corner_span_only_their_quadrant(crs: str) -> None:
+    """The pole has no longitude (PROJ answers the central meridian): the outline must run along it."""
+    transform = Affine(1000.0, 0, -64000.0, 0, -1000.0, 64000.0)  # the pole is the corner of 4 chips
+    for col, row in ((0, 0), (64, 0), (0, 64), (64, 64)):
+        geo = chip_geometry(transform, crs, col, row, 1, 64, 128, 128)
+        fp = geo.footprint
+        assert fp.is_valid and fp.covers(Point(geo.lon, geo.lat)), (col, row)
+        # a quadrant around the pole covers 90 degrees of longitude, never more
+        lons = [x for poly in getattr(fp, "geoms", [fp]) for x, _ in poly.exterior.coords]
+        spans = sum(p.bounds[2] - p.bounds[0] for p in getattr(fp, "geoms", [fp]))
+        assert spans == pytest.approx(90.0, abs=1.0), (col, row, min(lons), max(lons))
+
+
 def test_level_rounding() -> None:
     assert level_for_gsd(0.5) == 18
     assert level_for_gsd(128) == 10

@@ -64,6 +64,21 @@ def test_large_factors_let_gdal_pre_average_to_the_same_mean(tmp_path: Path) -> 
     assert valid.all() and nodata == pytest.approx(0.0)
 
 
+def test_untagged_nan_is_nodata_on_both_read_paths(tmp_path: Path) -> None:
+    """Float scenes often mark nodata with NaN and no tag: GDAL's pre-average must not count it as data."""
+    data = textured(1, 512, 512, "float32", seed=6)
+    data[:, :, :128] = np.nan  # a quarter of the scene, no nodata tag
+    path = write_raster(tmp_path / "s.tif", data, "EPSG:32633", UTM)
+    with open_scene([(str(path), 1)], None) as scene:
+        exact = scene.read_chip(0, 0, 4, 128, 16)  # native read, averaged in numpy
+        pre = scene.read_chip(0, 0, 4, 128, 2)  # GDAL averages first
+    for chip, valid, nodata in (exact, pre):
+        assert nodata == pytest.approx(0.25, abs=0.01)
+        assert not valid[:, :32].any() and valid[:, 32:].all()
+        assert np.isfinite(chip).all()
+    np.testing.assert_allclose(pre[0][:, :, 32:], exact[0][:, :, 32:], rtol=1e-4)
+
+
 def test_window_past_the_edge_is_padded_as_nodata(tmp_path: Path) -> None:
     path = write_raster(tmp_path / "s.tif", textured(1, 200, 300), "EPSG:32633", UTM)
     with open_scene([(str(path), 1)], None) as scene:

@@ -98,3 +98,51 @@ def test_api_search_with_pystac_client(tmp_path: Path, catalog: Path) -> None:
     rows = read_rows(tmp_path / "harvest")
     assert rows and {r["platform"] for r in rows} == {"sentinel-2b"}
     assert summary["by_reason"].get("bad_bands") == 1  # the item without asset `a`
+
+
+def test_broken_links_and_items_are_rows_and_the_rest_is_harvested(tmp_path: Path, catalog: Path) -> None:
+    """One dangling link, one malformed item and one item without datetime must not lose the catalog."""
+    col = json.loads(catalog.read_text())
+    col["links"] += [{"rel": "item", "href": "./gone/gone.json", "type": "application/json"},
+                     {"rel": "item", "href": "./broken/broken.json", "type": "application/json"},
+                     {"rel": "item", "href": "./nodt/nodt.json", "type": "application/json"}]
+    catalog.write_text(json.dumps(col))
+    (catalog.parent / "broken").mkdir()
+    (catalog.parent / "broken" / "broken.json").write_text('{"type": "Feature", "id": ')
+    item = json.loads(next(catalog.parent.glob("korea-aerial/*.json")).read_text())
+    item["id"], item["properties"]["datetime"] = "nodt", None
+    (catalog.parent / "nodt").mkdir()
+    (catalog.parent / "nodt" / "nodt.json").write_text(json.dumps(item))
+    entry = {"name": "demo", "kind": "stac", "uri": str(catalog), "license": "test", "attribution": "test",
+             "max_items": 5}  # max_items alone: still a static catalog
+    summary = run(harvest_params(tmp_path, [entry]))
+    assert summary["written"] > 0
+    rejected = {r["source_uri"].rsplit("/", 1)[-1]: r for r in read_rows(tmp_path / "harvest", "rejected")}
+    assert rejected["gone.json"]["reason"] == "not_found"
+    assert rejected["broken.json"]["reason"] == "unreadable"
+    assert "start_datetime" in rejected["nodt.json"]["detail"]  # pystac's own reason, not just "does not resolve"
+
+
+def test_item_collection_and_default_rgb_assets(tmp_path: Path) -> None:
+    """A FeatureCollection of items is read; without `visual`, red/green/blue assets (eo:bands) are stacked."""
+    item = _item("rgb", BAND_A, {"B04": BAND_A, "B03": BAND_B, "B02": BAND_A, "B8A": BAND_B},
+                 instruments="msi")
+    for key, name in (("B04", "red"), ("B03", "green"), ("B02", "blue"), ("B8A", "nir08")):
+        item.assets[key].extra_fields["eo:bands"] = [{"name": key, "common_name": name}]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(pystac.ItemCollection([item]).to_dict()))
+    entry = {"name": "coll", "kind": "stac", "uri": str(path), "license": "test", "attribution": "test"}
+    summary = run(harvest_params(tmp_path, [entry]))
+    rows = read_rows(tmp_path / "harvest")
+    assert summary["written"] > 0 and rows
+    assert all(r["source_uri"].endswith("#B04+B03+B02") for r in rows)
+    assert {r["sensor"] for r in rows} == {"msi"}  # a string, not its letters joined
+
+
+def test_a_static_catalog_with_search_keys_says_what_to_change(tmp_path: Path, catalog: Path) -> None:
+    entry = {"name": "demo", "kind": "stac", "uri": str(catalog), "license": "test", "attribution": "test",
+             "collections": ["demo"]}
+    summary = run(harvest_params(tmp_path, [entry]))
+    assert summary["written"] == 0
+    [row] = read_rows(tmp_path / "harvest", "rejected")
+    assert row["reason"] == "unreadable" and "remove them" in row["detail"]

@@ -71,3 +71,43 @@ def test_url_list_keeps_img2dataset_status(tmp_path: Path, url_server: str, fmt:
     messages = {r["source_uri"].rsplit("/", 1)[-1]: r["detail"] for r in rejected}
     assert "404" in messages["missing.jpg"]
     assert summary["written"] + summary["rejected"] == summary["candidates"] == 7
+
+
+def test_url_rows_are_rgb_and_know_their_scene(tmp_path: Path, url_server: str) -> None:
+    """A grey source image is stored as RGB (the metadata says bands 1,2,3); scene ids keep dashed names."""
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"{url_server}/sydney.tif"], "caption": ["x"]}), path)
+    entry = {"name": "web-grey", "kind": "urls", "uri": str(path), "license": "test", "attribution": "test"}
+    run(harvest_params(tmp_path, [entry], http_timeout_s=3, http_retries=0))
+    [row] = pq.read_table(next((tmp_path / "harvest/metadata").glob("*.parquet"))).to_pylist()
+    assert row["scene_id"] == row["key"][len("web-grey-"):]
+    import tarfile
+
+    with tarfile.open(next((tmp_path / "harvest/shards").glob("*.tar"))) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:  # type: ignore[union-attr]
+            assert image.mode == "RGB"
+
+
+def test_csv_list_problems_are_rows_not_silence(tmp_path: Path) -> None:
+    """Wrong column names, a BOM, a non-UTF-8 line and an empty list each say what happened."""
+    (tmp_path / "bom.csv").write_bytes("\ufefflink,desc\nhttp://127.0.0.1:9/a.jpg,one\n".encode())
+    (tmp_path / "latin.csv").write_bytes(b"url,caption\nhttp://127.0.0.1:9/a.jpg,caf\xe9\n"
+                                         b"http://127.0.0.1:9/b.jpg,ok\n")
+    (tmp_path / "empty.csv").write_text("url,caption\n")
+    base = {"kind": "urls", "license": "test", "attribution": "test"}
+    entries = [{**base, "name": "bom", "uri": str(tmp_path / "bom.csv"), "url_col": "link", "caption_col": "desc"},
+               {**base, "name": "wrongcol", "uri": str(tmp_path / "bom.csv")},
+               {**base, "name": "latin", "uri": str(tmp_path / "latin.csv")},
+               {**base, "name": "empty", "uri": str(tmp_path / "empty.csv")}]
+    summary = run(harvest_params(tmp_path, entries, http_timeout_s=2, http_retries=0))
+    rows = pq.read_table(tmp_path / "harvest/rejected").to_pylist()
+    by = {}
+    for r in rows:
+        by.setdefault(r["source"], []).append(r)
+    assert [r["reason"] for r in by["bom"]] == ["download_failed"]  # the URL was read despite the BOM
+    assert "no column(s) ['url', 'caption']" in by["wrongcol"][0]["detail"] and "link" in by["wrongcol"][0]["detail"]
+    assert sorted(r["reason"] for r in by["latin"]) == ["download_failed", "unreadable"]
+    assert "line 2 is not UTF-8" in next(r["detail"] for r in by["latin"] if r["reason"] == "unreadable")
+    assert by["empty"][0]["reason"] == "not_found" and "lists no URLs" in by["empty"][0]["detail"]
+    assert summary["written"] == 0 and summary["rejected"] == len(rows)
