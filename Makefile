@@ -9,7 +9,8 @@ BROWSER := /usr/bin/chromium
 
 .PHONY: setup test
 
-$(STAMP): pyproject.toml
+# packages appear to an editable install only as they were when it was made: reinstall when one is added
+$(STAMP): pyproject.toml $(wildcard */__init__.py */*/__init__.py)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -e '.[dev]'
 	touch $(STAMP)

@@ -240,7 +240,8 @@ class Text2EarthInpaintPipeline(Text2EarthPipeline):
                                       negative_prompt_embeds=negative_prompt_embeds,
                                       resolution_level=resolution_level, gsd_m=gsd_m, metadata=metadata,
                                       num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
-                                      output_type=output_type)
+                                      output_type=output_type, num_inference_steps=num_inference_steps,
+                                      generator=generator)
         device, n, dtype = self._execution_device, num_images_per_prompt, cond.text_embeds.dtype
 
         # 2. the known image: its pixels, mask and latents, one row per image

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -80,7 +81,9 @@ def split_level_prefix(prompt: str) -> tuple[int | None, str]:
 
 
 def _per_prompt(value: Any, batch: int, name: str) -> list[Any]:
-    """Broadcast a scalar to every prompt, or check that a list has one entry per prompt."""
+    """Broadcast a scalar to every prompt, or check that a list (or 1-D array/tensor) has one per prompt."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = value.tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != batch:
             raise GenerationInputError(f"`{name}` has {len(value)} entries for {batch} prompts: give one per "
@@ -180,18 +183,26 @@ class Text2EarthPipeline(DiffusionPipeline):
         """Per-prompt (level, GSD in metres or nan): explicit level, else `gsd_m`, else the prompt prefix, else 0."""
         if resolution_level is not None and gsd_m is not None:
             raise GenerationInputError("give either `resolution_level` or `gsd_m`, not both")
+        prefixes = list(prefix_levels or [None] * batch)
+        fallback = [NULL_LEVEL if p is None else p for p in prefixes]  # a None entry keeps its prompt's prefix
         if resolution_level is not None:
-            levels = [NULL_LEVEL if level is None else int(level)
-                      for level in _per_prompt(resolution_level, batch, "resolution_level")]
+            given = _per_prompt(resolution_level, batch, "resolution_level")
+            wrong = [v for v in given if v is not None and (isinstance(v, bool) or not isinstance(v, Integral))]
+            if wrong:
+                raise GenerationInputError(f"`resolution_level` takes whole levels ({NULL_LEVEL}..{MAX_LEVEL}) or "
+                                           f"None, got {wrong}")
+            levels = [fallback[i] if v is None else int(v) for i, v in enumerate(given)]
             gsds = [math.nan] * batch
         elif gsd_m is not None:
-            gsds = [float(g) for g in _per_prompt(gsd_m, batch, "gsd_m")]
-            bad = [g for g in gsds if not (math.isfinite(g) and g > 0)]
-            if bad:
-                raise GenerationInputError(f"`gsd_m` must be positive metres per pixel, got {bad}")
-            levels = [gsd_level(g) for g in gsds]
+            given = _per_prompt(gsd_m, batch, "gsd_m")
+            wrong = [g for g in given if g is not None and (isinstance(g, bool) or not isinstance(g, Real)
+                                                            or not (math.isfinite(float(g)) and float(g) > 0))]
+            if wrong:
+                raise GenerationInputError(f"`gsd_m` must be positive metres per pixel (or None), got {wrong}")
+            gsds = [math.nan if g is None else float(g) for g in given]
+            levels = [fallback[i] if g is None else gsd_level(float(g)) for i, g in enumerate(given)]
         else:
-            levels = [NULL_LEVEL if p is None else p for p in (prefix_levels or [None] * batch)]
+            levels = fallback
             gsds = [math.nan] * batch
         bad_levels = [level for level in levels if not NULL_LEVEL <= level <= MAX_LEVEL]
         if bad_levels:
@@ -204,7 +215,8 @@ class Text2EarthPipeline(DiffusionPipeline):
                           resolution_level: int | Sequence[int | None] | None,
                           gsd_m: float | Sequence[float] | None,
                           metadata: Mapping[str, float | Sequence[float]] | None, num_images_per_prompt: int,
-                          guidance_scale: float, output_type: str) -> PromptConditions:
+                          guidance_scale: float, output_type: str, num_inference_steps: int | None = None,
+                          generator: torch.Generator | list[torch.Generator] | None = None) -> PromptConditions:
         """Check the arguments every generation call shares and encode them, one row per image.
 
         The `"{L}_GOOGLE_LEVEL_"` prefix is split off each prompt (its level is used when neither
@@ -212,6 +224,19 @@ class Text2EarthPipeline(DiffusionPipeline):
         """
         if (prompt is None) == (prompt_embeds is None):
             raise GenerationInputError("give exactly one of `prompt` and `prompt_embeds`")
+        if isinstance(prompt, list) and not prompt:
+            raise GenerationInputError("`prompt` is an empty list: give at least one prompt")
+        if prompt_embeds is not None and prompt_embeds.ndim != 3:
+            raise GenerationInputError(f"`prompt_embeds` must be batch x tokens x width (3-D), got shape "
+                                       f"{tuple(prompt_embeds.shape)}")
+        if not math.isfinite(guidance_scale):
+            raise GenerationInputError(f"`guidance_scale` must be a finite number (1 = no guidance, 4 = the "
+                                       f"paper's), got {guidance_scale}")
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                                or not isinstance(num_inference_steps, Integral)
+                                                or num_inference_steps < 1):
+            raise GenerationInputError(f"`num_inference_steps` must be a whole number >= 1, got "
+                                       f"{num_inference_steps!r}")
         if num_images_per_prompt < 1:
             raise GenerationInputError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -232,6 +257,9 @@ class Text2EarthPipeline(DiffusionPipeline):
             batch = prompt_embeds.shape[0]
         levels, gsds = self.resolve_levels(batch, resolution_level, gsd_m, prefix_levels)
         device, n = self._execution_device, num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch * n:
+            raise GenerationInputError(f"{len(generator)} generators for {batch * n} images ({batch} prompt(s) x "
+                                       f"{n} per prompt): give one generator per image, or a single one")
 
         if prompt_embeds is None:
             text_embeds = self.encode_prompt(captions, n, device)
@@ -300,6 +328,9 @@ class Text2EarthPipeline(DiffusionPipeline):
 
     def _check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height < multiple or width < multiple:
+            raise GenerationInputError(f"height and width must be positive multiples of {multiple}, got "
+                                       f"{height}x{width}")
         if height % multiple or width % multiple:
             raise GenerationInputError(f"height and width must be multiples of {multiple}, got {height}x{width}")
 
@@ -344,7 +375,8 @@ class Text2EarthPipeline(DiffusionPipeline):
                                       negative_prompt_embeds=negative_prompt_embeds,
                                       resolution_level=resolution_level, gsd_m=gsd_m, metadata=metadata,
                                       num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
-                                      output_type=output_type)
+                                      output_type=output_type, num_inference_steps=num_inference_steps,
+                                      generator=generator)
         device = self._execution_device
         text_embeds = cond.text_embeds
 

@@ -77,7 +77,12 @@ def run_edit(args: argparse.Namespace, extra: list[str]) -> int:
         raise Text2EarthError(f"edit: unknown argument(s) {' '.join(extra)}; see `text2earth edit --help`")
     from model.inpaint import check_inpaint_model_dir
     from model.masks import load_mask
+    from stages.generate import check_png_out, check_run_args, resolve_device
 
+    if args.out is not None:
+        check_png_out(args.out)
+    check_run_args(args.steps, args.level)
+    device = resolve_device(args.device)
     model_dir = check_inpaint_model_dir(args.model)
     image = _read_image(args.image)
     mask = load_mask(args.mask, image.size)  # bad masks fail before the model loads
@@ -87,7 +92,6 @@ def run_edit(args: argparse.Namespace, extra: list[str]) -> int:
     from model.inpaint import Text2EarthInpaintPipeline
     from stages.generate import save_png
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline: Any = Text2EarthInpaintPipeline.from_pretrained(model_dir).to(device)
     output = pipeline(args.prompt, image=image, mask_image=mask, resolution_level=args.level, gsd_m=args.gsd_m,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, strength=args.strength,

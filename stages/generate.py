@@ -80,6 +80,8 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--guidance", type=float, default=4.0,
                    help="joint guidance scale s = 1 + omega (default: %(default)s, the paper's omega = 3)")
     g.add_argument("--negative-prompt", help="replaces the empty prompt of the unconditional branch")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="images generated together (memory grows with it; default: %(default)s)")
     g.add_argument("--device", help="cuda, cpu, mps... (default: cuda when available, else cpu)")
     g.set_defaults(run=run_generate)
     add_outpaint_parser(subparsers)
@@ -138,6 +140,55 @@ def check_model_dir(model: str | Path) -> Path:
     return model_dir
 
 
+def resolve_device(choice: str | None) -> str:
+    """--device as torch understands it (None/"auto": CUDA when available), or a clear error before any work."""
+    import torch
+
+    if choice in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    assert choice is not None
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise Text2EarthError(f"--device {choice!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Text2EarthError(f"--device {choice}: no CUDA GPU is visible here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise Text2EarthError(f"--device {choice}: only {torch.cuda.device_count()} GPU(s) here (cuda:0..)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise Text2EarthError(f"--device {choice}: Apple's MPS is not available here; use --device cpu")
+    return choice
+
+
+def check_run_args(steps: int, level: int | None) -> None:
+    """Arguments every generating command shares, checked before the model loads (seconds)."""
+    from model.config import MAX_LEVEL, NULL_LEVEL
+
+    if steps < 1:
+        raise Text2EarthError(f"--steps must be at least 1, got {steps}")
+    if level is not None and not NULL_LEVEL <= level <= MAX_LEVEL:
+        raise Text2EarthError(f"--level must lie in {NULL_LEVEL}..{MAX_LEVEL} ({NULL_LEVEL} = unknown), got {level}")
+
+
+def check_png_out(path: Path, flag: str = "--out") -> None:
+    """An output PNG path that can be written (checked before the model loads, not after the work)."""
+    if path.suffix.lower() != ".png":
+        raise Text2EarthError(f"{flag} {path}: the output is a PNG (its settings go in PNG text chunks); "
+                              "name it *.png")
+    if path.is_dir():
+        raise Text2EarthError(f"{flag} {path} is a folder; give a file name ending in .png")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise Text2EarthError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """An output folder that exists or can be made."""
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise Text2EarthError(f"{flag} {path}: {folder} is a file; give a folder for the images")
+
+
 def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe short form of a prompt."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
@@ -162,11 +213,10 @@ def parse_levels(text: str) -> list[int]:
 
 def _load_pipeline(model: str, device: str | None) -> tuple[Any, Path]:
     model_dir = check_model_dir(model)
-    import torch
+    device = resolve_device(device)  # a bad --device fails before the weights load
 
     from model.pipeline import Text2EarthPipeline
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Text2EarthPipeline.from_pretrained(model_dir).to(device), model_dir
 
 
@@ -175,7 +225,7 @@ def run_sweep(args: argparse.Namespace, pipeline: Any, model_dir: Path) -> int:
     from model.validation import compose_grid, generate_cells
 
     levels = parse_levels(args.levels)
-    out = args.out if args.out.suffix.lower() == ".png" else args.out / f"{slug(args.prompt)}-sweep-seed{args.seed}.png"
+    out = args.out if args.out.suffix else args.out / f"{slug(args.prompt)}-sweep-seed{args.seed}.png"
     rows = generate_cells(pipeline, [args.prompt], levels, steps=args.steps, guidance_scale=args.guidance,
                           seed=args.seed, size=args.size)
     scheduler = type(pipeline.scheduler).__name__
@@ -195,29 +245,45 @@ def run_generate(args: argparse.Namespace, extra: list[str]) -> int:
         raise Text2EarthError(f"generate: unknown argument(s) {' '.join(extra)}; see `text2earth generate --help`")
     if args.num_images < 1:
         raise Text2EarthError(f"-n must be at least 1, got {args.num_images}")
+    check_run_args(args.steps, args.level)
+    if args.batch_size < 1:
+        raise Text2EarthError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.size < 1:
+        raise Text2EarthError(f"--size must be a positive number of pixels, got {args.size}")
     if args.sweep:
         parse_levels(args.levels)  # bad levels fail before the model loads
         if args.level is not None or args.gsd_m is not None:
             raise Text2EarthError("--sweep draws every level of --levels: drop --level / --gsd-m")
-    pipeline, model_dir = _load_pipeline(args.model, args.device)
+        if args.out.suffix:
+            check_png_out(args.out)
+        else:
+            check_out_dir(args.out)
+    else:
+        check_out_dir(args.out)
+    pipeline, model_dir = _load_pipeline(args.model, resolve_device(args.device))
     if args.sweep:
         return run_sweep(args, pipeline, model_dir)
     import torch
 
     seeds = [args.seed + i for i in range(args.num_images)]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]  # per image: each is reproducible on its own
-    output = pipeline(args.prompt, resolution_level=args.level, gsd_m=args.gsd_m, num_images_per_prompt=len(seeds),
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
-                      width=args.size, negative_prompt=args.negative_prompt, generator=generators)
     args.out.mkdir(parents=True, exist_ok=True)
     scheduler = type(pipeline.scheduler).__name__
-    for image, seed, level in zip(output.images, seeds, output.levels, strict=True):
-        chunks = {"prompt": args.prompt, "level": level, "gsd_m": args.gsd_m, "seed": seed, "steps": args.steps,
-                  "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
-                  "model": str(model_dir), "scheduler": scheduler, "software": "text2earth generate"}
-        save_png(image, args.out / f"{slug(args.prompt)}-L{level}-seed{seed}.png", chunks)
-    print(f"generate: wrote {len(seeds)} image(s) of {output.images[0].size[0]}x{output.images[0].size[1]} "
-          f"(level {output.levels[0]}, seeds {seeds[0]}..{seeds[-1]}) to {args.out}")
+    level, size = None, (args.size, args.size)
+    for start in range(0, len(seeds), args.batch_size):  # batches bound the memory; seeds make each image
+        batch = seeds[start:start + args.batch_size]
+        generators = [torch.Generator().manual_seed(s) for s in batch]  # per image: reproducible on its own
+        output = pipeline(args.prompt, resolution_level=args.level, gsd_m=args.gsd_m,
+                          num_images_per_prompt=len(batch), num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, height=args.size, width=args.size,
+                          negative_prompt=args.negative_prompt, generator=generators)
+        for image, seed, level in zip(output.images, batch, output.levels, strict=True):
+            chunks = {"prompt": args.prompt, "level": level, "gsd_m": args.gsd_m, "seed": seed, "steps": args.steps,
+                      "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
+                      "model": str(model_dir), "scheduler": scheduler, "software": "text2earth generate"}
+            save_png(image, args.out / f"{slug(args.prompt)}-L{level}-seed{seed}.png", chunks)
+            size = image.size
+    print(f"generate: wrote {len(seeds)} image(s) of {size[0]}x{size[1]} (level {level}, seeds "
+          f"{seeds[0]}..{seeds[-1]}) to {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,10 @@ def test_released_level_prefix_sets_the_level_and_leaves_the_caption(pipe: Text2
                                   _generate(pipe, "a river through farmland", resolution_level=15).images)
     assert _generate(pipe, "15_GOOGLE_LEVEL_a river", resolution_level=11).levels == [11]  # explicit level wins
     assert _generate(pipe, ["12_GOOGLE_LEVEL_a", "b"]).levels == [12, 0]
+    assert _generate(pipe, ["15_GOOGLE_LEVEL_a", "b"], resolution_level=[None, 12]).levels == [15, 12]  # None: prefix
+    assert _generate(pipe, ["15_GOOGLE_LEVEL_a", "b"], gsd_m=[None, 2.0]).levels == [15, 16]
+    assert _generate(pipe, ["a", "b"], resolution_level=np.array([15, 16])).levels == [15, 16]
+    assert _generate(pipe, ["a", "b"], resolution_level=torch.tensor([15, 16])).levels == [15, 16]
 
 
 def test_gsd_m_maps_to_the_nearest_level(pipe: Text2EarthPipeline) -> None:
@@ -230,6 +235,21 @@ def test_bad_inputs_name_the_argument(pipe: Text2EarthPipeline) -> None:
         _generate(pipe, height=30)
     with pytest.raises(GenerationInputError, match="metadata"):
         _generate(pipe, metadata={"lon": 3.0})
+    with pytest.raises(GenerationInputError, match="whole levels"):
+        _generate(pipe, resolution_level=15.7)
+    with pytest.raises(GenerationInputError, match="positive multiples"):
+        _generate(pipe, height=0)
+    with pytest.raises(GenerationInputError, match="num_inference_steps"):
+        _generate(pipe, num_inference_steps=0)
+    with pytest.raises(GenerationInputError, match="guidance_scale"):
+        _generate(pipe, guidance_scale=float("nan"))
+    with pytest.raises(GenerationInputError, match="empty list"):
+        _generate(pipe, [])
+    with pytest.raises(GenerationInputError, match="one generator per image"):
+        pipe(["a", "b"], num_images_per_prompt=2, height=SIZE, width=SIZE, num_inference_steps=1,
+             generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    with pytest.raises(GenerationInputError, match="3-D"):
+        pipe(prompt_embeds=torch.zeros(77, 32), height=SIZE, width=SIZE, num_inference_steps=1)
 
 
 def test_tiny_autoencoder_latents() -> None:
@@ -339,3 +359,14 @@ def test_an_inpainting_unet_is_refused_with_the_pipeline_to_use() -> None:
     components["unet"] = inpaint_unet_from(components["unet"])
     with pytest.raises(GenerationInputError, match="Text2EarthInpaintPipeline"):
         _generate(_pipeline(**components), num_inference_steps=1)
+
+
+def test_the_readme_import_works_from_any_folder(tmp_path: Path) -> None:
+    """`from model import Text2EarthPipeline` must not depend on the repo root being the working directory."""
+    import subprocess
+    import sys
+
+    code = "from model import Text2EarthPipeline, Text2EarthInpaintPipeline; print(Text2EarthPipeline.__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "Text2EarthPipeline", proc.stderr[-2000:]
