@@ -93,13 +93,15 @@ REJECTED_COLUMNS: tuple[Column, ...] = (
 
 # Why a candidate can be dropped during harvest. Keys are what `rejected.reason` holds.
 REJECT_REASONS: dict[str, str] = {
-    "not_found": "The path, glob or URL matched no file.",
+    "not_found": "The path, glob or URL matched no file (or a caption JSON or URL list lists nothing).",
     "unreachable": "A remote file or URL could not be fetched (connection refused, timeout, HTTP error).",
     "not_a_raster": "The file is not in a raster format GDAL recognises.",
-    "unreadable": "The file is corrupt or truncated so its header or pixels cannot be read.",
+    "unreadable": ("The file is corrupt, truncated or empty (0 bytes), or a STAC catalog, caption JSON or URL list "
+                   "(or one of its records) cannot be parsed."),
     "no_crs": "The raster has no coordinate reference system, so GSD and location are unknown.",
-    "no_georeference": "The raster has a CRS but no geotransform (e.g. only GCPs): warp it first.",
-    "bad_bands": "The configured bands or assets do not exist or do not share one pixel grid.",
+    "no_georeference": "The raster has no geotransform, only GCPs or RPCs: warp (`gdalwarp`, `-rpc`) it first.",
+    "bad_bands": ("The configured bands or assets do not exist, do not share one pixel grid, or hold palette "
+                  "indices (expand them: `gdal_translate -expand rgb`)."),
     "image_too_large": "The image or scene exceeds the pixel limit in params (decompression-bomb guard).",
     "empty_raster": "The raster has no valid (non-nodata) pixels at all.",
     "off_earth": "Some chip pixels are off the Earth's disk or outside the CRS's valid area.",

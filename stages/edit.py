@@ -86,6 +86,8 @@ def run_edit(args: argparse.Namespace, extra: list[str]) -> int:
     model_dir = check_inpaint_model_dir(args.model)
     image = _read_image(args.image)
     mask = load_mask(args.mask, image.size)  # bad masks fail before the model loads
+    if not mask.any():
+        raise Text2EarthError(f"--mask {args.mask} selects no pixel (all black): white marks what to repaint")
     out = args.out or Path(f"{args.image.stem}-edited.png")
     import torch
 

@@ -4,6 +4,7 @@ model, saved as PNGs (and GeoTIFFs) that record how they were made."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -190,8 +191,13 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
 
 
 def slug(text: str, limit: int = 40) -> str:
-    """A file-name-safe short form of a prompt."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
+    """A file-name-safe short form of a prompt; prompts with other than ASCII letters and digits keep a short
+    hash of their full text, so two prompts in another script never share a file name."""
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-")
+    if text.isascii() and base:
+        return base
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return f"{base or 'prompt'}-{digest}"
 
 
 def parse_levels(text: str) -> list[int]:

@@ -164,3 +164,21 @@ def test_generating_commands_refuse_bad_arguments_before_the_model_loads(
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "sweep.jpg").exists()
+
+
+def test_file_names_of_prompts_in_other_scripts_do_not_collide() -> None:
+    from stages.generate import slug
+
+    assert slug("A river, through farmland!") == "a-river-through-farmland"  # ASCII: readable, unchanged
+    first, second = slug("渋谷の川"), slug("東京の港")
+    assert first != second and first.startswith("prompt-")
+    assert slug("über Äcker").startswith("ber-cker-") and slug("über Äcker") != slug("aber Äcker")
+
+
+def test_edit_refuses_a_mask_that_selects_nothing(model_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    Image.new("RGB", (SIZE, SIZE), (90, 120, 60)).save(tmp_path / "scene.png")
+    Image.new("L", (SIZE, SIZE), 0).save(tmp_path / "mask.png")
+    assert main(["edit", str(tmp_path / "scene.png"), "--mask", str(tmp_path / "mask.png"), "a lake",
+                 "--model", str(model_dir)]) == 2
+    assert "selects no pixel" in capsys.readouterr().err
