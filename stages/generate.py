@@ -114,6 +114,8 @@ def add_outpaint_parser(subparsers: Any) -> None:
     o.add_argument("--negative-prompt", help="replaces the empty prompt of the unconditional branch")
     o.add_argument("--no-batch-guidance", action="store_true",
                    help="run the two guidance branches as two UNet passes instead of one doubled batch (less memory)")
+    o.add_argument("--max-windows", type=int, default=10_000,
+                   help="refuse scenes that need more windows than this, before any work (default: %(default)s)")
     o.add_argument("--device", help="cuda, cpu, mps... (default: cuda when available, else cpu)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.set_defaults(run=run_outpaint)
@@ -321,6 +323,14 @@ def run_outpaint(args: argparse.Namespace, extra: list[str]) -> int:
                         blend=args.blend, steps=args.steps, guidance_scale=args.guidance,
                         negative_prompt=args.negative_prompt, seed=args.seed,
                         batch_guidance=not args.no_batch_guidance)
+    from model.outpaint import window_starts
+
+    stride = max(args.window - args.overlap, 1)
+    windows = len(window_starts(args.height, args.window, stride)) * len(window_starts(args.width, args.window, stride))
+    if windows > args.max_windows:
+        raise Text2EarthError(f"a {args.width}x{args.height} scene needs {windows:,} windows of {args.window} px, more "
+                              f"than --max-windows {args.max_windows:,} (each window is one full generation of "
+                              f"{args.steps} steps): paint a smaller scene or raise --max-windows")
     georeference = None
     if args.center is not None:
         georeference = scene_georeference(*parse_center(args.center), args.width, args.height, args.level)

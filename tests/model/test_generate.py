@@ -102,6 +102,10 @@ def test_outpaint_errors_are_one_line(model_dir: Path, tmp_path: Path, capsys: p
     assert main([*base, "--region", "a lake"]) == 2
     assert "x0,y0,x1,y1:prompt" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "a.jpg")]) == 2
+    assert main([*base[:2], "--width", "100000", "--height", "100000", *base[6:], "--out",
+                 str(tmp_path / "huge.png")]) == 2
+    err = capsys.readouterr().err
+    assert "windows" in err and "--max-windows" in err and not (tmp_path / "huge.png").exists()
 
 
 def test_generate_sweep_writes_a_labelled_grid(model_dir: Path, tmp_path: Path) -> None:
