@@ -80,6 +80,11 @@ def split_level_prefix(prompt: str) -> tuple[int | None, str]:
     return int(match.group(1)), match.group(2)
 
 
+def _whole(value: Any) -> bool:
+    """An integer (Python, numpy or torch scalar), not a bool or a float that happens to be whole."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def _per_prompt(value: Any, batch: int, name: str) -> list[Any]:
     """Broadcast a scalar to every prompt, or check that a list (or 1-D array/tensor) has one per prompt."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -187,7 +192,7 @@ class Text2EarthPipeline(DiffusionPipeline):
         fallback = [NULL_LEVEL if p is None else p for p in prefixes]  # a None entry keeps its prompt's prefix
         if resolution_level is not None:
             given = _per_prompt(resolution_level, batch, "resolution_level")
-            wrong = [v for v in given if v is not None and (isinstance(v, bool) or not isinstance(v, Integral))]
+            wrong = [v for v in given if v is not None and not _whole(v)]
             if wrong:
                 raise GenerationInputError(f"`resolution_level` takes whole levels ({NULL_LEVEL}..{MAX_LEVEL}) or "
                                            f"None, got {wrong}")
@@ -232,9 +237,7 @@ class Text2EarthPipeline(DiffusionPipeline):
         if not math.isfinite(guidance_scale):
             raise GenerationInputError(f"`guidance_scale` must be a finite number (1 = no guidance, 4 = the "
                                        f"paper's), got {guidance_scale}")
-        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
-                                                or not isinstance(num_inference_steps, Integral)
-                                                or num_inference_steps < 1):
+        if num_inference_steps is not None and not (_whole(num_inference_steps) and num_inference_steps >= 1):
             raise GenerationInputError(f"`num_inference_steps` must be a whole number >= 1, got "
                                        f"{num_inference_steps!r}")
         if num_images_per_prompt < 1:

@@ -31,6 +31,11 @@ def scene_id(uri: str) -> str:
     return f"{slug(stem)}-{short_hash(uri)}"
 
 
+def key_scene_id(key: str, source: str) -> str:
+    """The scene part of an image sample's key `{source}-{scene}` (source names may hold dashes too)."""
+    return key[len(source) + 1:]
+
+
 def chip_key(source: str, scene: str, pyramid_level: int, row: int, col: int) -> str:
     """Key of a raster chip: source, scene, pyramid step and grid position."""
     return f"{source}-{scene}-{pyramid_level}-{row:04d}-{col:04d}"

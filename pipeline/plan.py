@@ -124,8 +124,13 @@ def _meta(source: Any, **extra: Any) -> dict[str, Any]:
     return meta
 
 
+def _problem(uri: str, scene_id: str, reason: str, detail: str) -> dict[str, Any]:
+    """A planning-time rejection: what `_error_tasks` turns into rejected rows."""
+    return {"error": reason, "detail": detail, "uri": uri, "scene_id": scene_id}
+
+
 def _error(ref: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
-    return {"error": reason, "detail": detail, "uri": ref["uri"], "scene_id": ref["scene_id"]}
+    return _problem(ref["uri"], ref["scene_id"], reason, detail)
 
 
 def plan_raster_scene(ref: dict[str, Any], source: GeoTiffSource | StacSource, params: HarvestParams
@@ -224,11 +229,9 @@ def plan_raster_source(source: GeoTiffSource | StacSource, params: HarvestParams
     try:
         refs = list(_raster_refs(source))
     except Exception as exc:  # missing or broken catalog, server down, not STAC: one row says why
-        reason, detail = listing_problem(source.uri, exc)
-        refs, errors = [], [{"error": reason, "detail": detail, "uri": source.uri, "scene_id": "catalog"}]
+        refs, errors = [], [_problem(source.uri, "catalog", *listing_problem(source.uri, exc))]
     if not refs and not errors:
-        errors.append({"error": "not_found", "detail": f"{source.uri!r} matched no file", "uri": source.uri,
-                       "scene_id": "nofiles"})
+        errors.append(_problem(source.uri, "nofiles", "not_found", f"{source.uri!r} matched no file"))
 
     def plan_one(ref: dict[str, Any]) -> dict[str, Any]:
         return ref if "error" in ref else plan_raster_scene(ref, source, params)
@@ -284,15 +287,13 @@ def _karpathy_images(source: CaptionedSource) -> Iterator[dict[str, Any]]:
     for n, rec in enumerate(images):
         where = f"{source.uri}: images[{n}]"
         if not isinstance(rec, dict):
-            yield {"error": "unreadable", "detail": f"{where} is a {type(rec).__name__}, not an object",
-                   "uri": source.uri, "scene_id": f"record-{n}"}
+            yield _problem(source.uri, f"record-{n}", "unreadable", f"{where} is a {type(rec).__name__}, not an object")
             continue
         name = str(rec.get("filename") or "").strip()
         sentences_in = rec.get("sentences") or []
         if not name or not isinstance(sentences_in, list):
             problem = "has no filename" if not name else "has `sentences` that are not a list"
-            yield {"error": "unreadable", "detail": f"{where} {problem}", "uri": source.uri,
-                   "scene_id": f"record-{n}"}
+            yield _problem(source.uri, f"record-{n}", "unreadable", f"{where} {problem}")
             continue
         rel = storage.join(image_dir, str(rec["filepath"]), name) if rec.get("filepath") else storage.join(
             image_dir, name)
@@ -316,15 +317,13 @@ def plan_captioned_source(source: CaptionedSource, params: HarvestParams) -> Ite
     try:
         listed = list(_karpathy_images(source))
     except Exception as exc:  # missing, unreachable or not a caption JSON: one row says why
-        reason, detail = listing_problem(source.uri, exc)
-        yield from _error_tasks(source, [{"error": reason, "detail": detail, "uri": source.uri,
-                                          "scene_id": "captions"}], params.samples_per_shard)
+        yield from _error_tasks(source, [_problem(source.uri, "captions", *listing_problem(source.uri, exc))],
+                                params.samples_per_shard)
         return
     images = [rec for rec in listed if "error" not in rec]
     errors = [rec for rec in listed if "error" in rec]
     if not listed:
-        errors.append({"error": "not_found", "detail": f"{source.uri} lists no images", "uri": source.uri,
-                       "scene_id": "captions"})
+        errors.append(_problem(source.uri, "captions", "not_found", f"{source.uri} lists no images"))
     yield from _error_tasks(source, errors, params.samples_per_shard)
     for n, chunk in enumerate(_chunks(images, params.samples_per_shard)):
         yield {"kind": "images", "shard": f"{source.name}-{n:05d}", "source": source.name,
@@ -334,6 +333,7 @@ def plan_captioned_source(source: CaptionedSource, params: HarvestParams) -> Ite
 def _url_rows(source: UrlsSource) -> Iterator[dict[str, Any]]:
     cols = [source.url_col] + ([source.caption_col] if source.caption_col else [])
     index = 0
+    bad_lines: list[int] = []  # CSV lines that are not UTF-8 (Parquet has none)
     with fsspec.open(source.uri, "rb") as fh:
         if source.uri.lower().endswith(".parquet"):
             pf = pq.ParquetFile(fh)
@@ -343,7 +343,6 @@ def _url_rows(source: UrlsSource) -> Iterator[dict[str, Any]]:
                                  "(set url_col / caption_col)")
             batches: Iterator[dict[str, list[Any]]] = (b.to_pydict() for b in pf.iter_batches(columns=cols))
         else:
-            bad_lines: list[int] = []
             reader = csv.DictReader(_decoded_lines(fh, bad_lines))
             names = reader.fieldnames or []
             missing = [c for c in cols if c not in names]
@@ -356,10 +355,9 @@ def _url_rows(source: UrlsSource) -> Iterator[dict[str, Any]]:
                 caption = batch[source.caption_col][i] if source.caption_col in batch else None
                 yield {"key": f"{source.name}-{index:09d}", "url": batch[source.url_col][i], "caption": caption}
                 index += 1
-        if not source.uri.lower().endswith(".parquet"):
-            for line in bad_lines:
-                yield {"error": "unreadable", "detail": f"{source.uri}: line {line} is not UTF-8 text (re-save "
-                       "the list as UTF-8); its row was skipped", "uri": source.uri, "scene_id": f"line-{line}"}
+    for line in bad_lines:
+        yield _problem(source.uri, f"line-{line}", "unreadable", f"{source.uri}: line {line} is not UTF-8 text "
+                       "(re-save the list as UTF-8); its row was skipped")
 
 
 def _decoded_lines(fh: Any, bad_lines: list[int]) -> Iterator[str]:
@@ -389,11 +387,9 @@ def plan_urls_source(source: UrlsSource, params: HarvestParams) -> Iterator[dict
             yield {"kind": "urls", "shard": f"{source.name}-{n:05d}", "source": source.name,
                    "meta": _meta(source), "rows": chunk}
     except Exception as exc:  # missing, unreachable or unreadable list: one row says why
-        reason, detail = listing_problem(source.uri, exc)
-        errors.append({"error": reason, "detail": detail, "uri": source.uri, "scene_id": "urls"})
+        errors.append(_problem(source.uri, "urls", *listing_problem(source.uri, exc)))
     if count == 0 and not errors:
-        errors.append({"error": "not_found", "detail": f"{source.uri} lists no URLs", "uri": source.uri,
-                       "scene_id": "urls"})
+        errors.append(_problem(source.uri, "urls", "not_found", f"{source.uri} lists no URLs"))
     yield from _error_tasks(source, errors, params.samples_per_shard)
 
 

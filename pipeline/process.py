@@ -20,6 +20,7 @@ from pipeline.chips import (
     decode_whole_image,
     encode_image,
     image_to_chip,
+    key_scene_id,
     sha256_hex,
 )
 from pipeline.errors import SampleRejected
@@ -153,7 +154,7 @@ def harvest_images(task: dict[str, Any], params: HarvestParams, writer: ShardWri
         captions = rec["captions"]
         row = base_row(
             task["source"], task["meta"], key=rec["key"], source_uri=rec["uri"],
-            scene_id=rec["key"][len(task["source"]) + 1:],
+            scene_id=key_scene_id(rec["key"], task["source"]),
             gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared, level=level_for_gsd(gsd),
             pyramid_level=0, width=params.chip_size, height=params.chip_size, nodata_fraction=0.0,
             bands=[1, 2, 3], scene_class=rec.get("class"), source_split=rec.get("split"),

@@ -81,9 +81,10 @@ def _items(source: StacSource, problems: list[dict[str, Any]]) -> list[pystac.It
         else:
             raise SampleRejected("unreadable", f"{source.uri} is a STAC {type(obj).__name__}, not a catalog, "
                                  "collection, item or item collection")
-        if source.max_items is not None:  # static catalogs honour max_items too (first by collection, id)
-            items = sorted(items, key=lambda it: (it.collection_id or "", it.id))[:source.max_items]
-    return sorted(items, key=lambda it: (it.collection_id or "", it.id))
+    items = sorted(items, key=lambda it: (it.collection_id or "", it.id))
+    if source.max_items is not None and not source.is_api_search:  # the API search applied it already
+        items = items[:source.max_items]
+    return items
 
 
 def _pick_assets(item: pystac.Item, wanted: list[str] | None) -> list[str]:
@@ -110,10 +111,10 @@ def _rgb_assets(item: pystac.Item) -> list[str] | None:
     found: dict[str, str] = {}
     for key in sorted(item.assets):
         asset = item.assets[key]
-        names = {key.lower()} | {str(b.get("common_name", "")).lower()
-                                 for b in asset.extra_fields.get("eo:bands", []) or [] if isinstance(b, dict)}
-        if len(asset.extra_fields.get("eo:bands", []) or []) > 1:
+        bands = asset.extra_fields.get("eo:bands") or []
+        if len(bands) > 1:
             continue  # a multi-band asset is not one colour channel
+        names = {key.lower()} | {str(b.get("common_name", "")).lower() for b in bands if isinstance(b, dict)}
         for colour in ("red", "green", "blue"):
             if colour in names and colour not in found:
                 found[colour] = key

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.chips import check_quality, encode_image, sha256_hex
+from pipeline.chips import check_quality, encode_image, key_scene_id, sha256_hex
 from pipeline.errors import SampleRejected
 from pipeline.geometry import level_for_gsd
 from pipeline.params import HarvestParams
@@ -115,8 +115,8 @@ def harvest_urls(task: dict[str, Any], params: HarvestParams, writer: ShardWrite
             continue
         out = base_row(
             task["source"], task["meta"], key=row["key"], source_uri=row["url"],
-            scene_id=row["key"][len(task["source"]) + 1:], gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd, native_gsd_m=declared,
-            level=level_for_gsd(gsd), pyramid_level=0,
+            scene_id=key_scene_id(row["key"], task["source"]), gsd_m=gsd, gsd_x_m=gsd, gsd_y_m=gsd,
+            native_gsd_m=declared, level=level_for_gsd(gsd), pyramid_level=0,
             width=res["width"], height=res["height"], nodata_fraction=0.0, bands=[1, 2, 3],
             image_format=params.image_format, sha256=sha256_hex(image),
             captions=[caption] if caption else [], caption=caption,

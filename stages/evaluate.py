@@ -85,16 +85,14 @@ def run_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
         raise Text2EarthError(f"evaluate: unknown argument(s) {' '.join(extra)}; see `text2earth evaluate --help`")
     from model.eval_params import load_evaluate_params
     from model.evaluate import evaluate, summary_line
-    from stages.generate import check_model_dir, resolve_device
+    from stages.generate import check_model_dir, check_out_dir, resolve_device
 
     params, train_params = load_evaluate_params(args.params, {
         "model_dir": args.model_dir, "steps": args.steps, "images_per_caption": args.images_per_caption,
         "max_captions": args.max_captions, "device": args.device})
     check_model_dir(params.model_dir)
     resolve_device(params.device)  # a typo or a missing GPU fails now, not after the real images are read
-    for folder in (args.metrics.parent, *args.metrics.parents):
-        if folder.exists() and not folder.is_dir():
-            raise Text2EarthError(f"--metrics {args.metrics}: {folder} is a file, not a folder")
+    check_out_dir(args.metrics.parent, "--metrics")
     bars = _Bars(not args.no_progress)
     try:
         report = evaluate(params, train_params, plot_dir=str(args.metrics.parent), progress=bars)

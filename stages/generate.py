@@ -180,16 +180,14 @@ def check_png_out(path: Path, flag: str = "--out") -> None:
                               "name it *.png")
     if path.is_dir():
         raise Text2EarthError(f"{flag} {path} is a folder; give a file name ending in .png")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise Text2EarthError(f"{flag} {path}: {parent} is a file, not a folder")
+    check_out_dir(path.parent, flag)
 
 
 def check_out_dir(path: Path, flag: str = "--out") -> None:
-    """An output folder that exists or can be made."""
+    """An output folder that exists or can be made (no file on the way)."""
     for folder in (path, *path.parents):
         if folder.exists() and not folder.is_dir():
-            raise Text2EarthError(f"{flag} {path}: {folder} is a file; give a folder for the images")
+            raise Text2EarthError(f"{flag} {path}: {folder} is a file, not a folder")
 
 
 def slug(text: str, limit: int = 40) -> str:
